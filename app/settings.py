@@ -1,0 +1,78 @@
+"""All configuration in one place: environment variables of both seeds, validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+class Settings(BaseSettings):
+    """Service settings; every field reads the environment variable of the same name (upper case)."""
+
+    model_config = SettingsConfigDict(env_file=None, extra="ignore", protected_namespaces=())
+
+    # --- model (seed 002 names, then seed 000 names) ---
+    model_name: str | None = Field(
+        default=None,
+        description="Weights to load: HF id (from MODEL_CACHE_DIR / HF cache), local folder or .gguf file. "
+        "Unset: the embedded SmolLM2-135M-Instruct.",
+    )
+    model_id: str | None = Field(
+        default=None, description="Logical model id (seed 000): names the persona data folder and /v1/models."
+    )
+    override_model_id: str | None = Field(
+        default=None, description="Weights actually loaded (seed 000); wins over MODEL_NAME."
+    )
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    model_cache_dir: Path = Path("./data/models")
+    quantization: Literal["none", "bnb-8bit", "bnb-4bit"] = "none"
+    gpu_memory_utilization: float = Field(default=0.95, gt=0.0, le=1.0)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    token_limit: int = Field(default=65536, ge=1, description="Max prompt tokens per request.")
+    max_model_len: int = Field(default=65536, ge=2, description="Max prompt + completion tokens.")
+
+    # --- data ---
+    vectors_dir: Path = Path("./data/vectors")
+    prompts_dir: Path = Path("./data/prompts")
+    persona_data_path: Path = Path("./data/persona")
+    persona_monitoring: bool = True
+
+    # --- server ---
+    host: str = "0.0.0.0"
+    port: int = Field(default=8000, ge=1, le=65535)
+    workers: int = Field(default=1, ge=1)
+    secret: str | None = Field(default=None, validation_alias=AliasChoices("SECRET", "API_KEY"))
+    cors_origins: list[str] = Field(default_factory=list)
+
+    # --- generation defaults (seed 002) ---
+    max_tokens: int = Field(default=200, ge=1)
+    temperature: float = Field(default=0.8, ge=0.0, le=5.0)
+    top_p: float = Field(default=0.9, gt=0.0, le=1.0)
+
+    # --- engine limits ---
+    max_batch_size: int = Field(default=32, ge=1, description="Rows decoded together in one forward pass.")
+    max_queue: int = Field(default=256, ge=1, description="Requests waiting beyond the running batch.")
+    max_new_tokens_limit: int = Field(default=4096, ge=1)
+    max_vectors: int = Field(default=16, ge=1, description="Steering vectors per request.")
+    max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    warmup: bool = True
+
+    @field_validator("model_name", "model_id", "override_model_id", "secret", mode="before")
+    @classmethod
+    def _blank_is_none(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @property
+    def weights_source(self) -> str | None:
+        """What to load: OVERRIDE_MODEL_ID, else MODEL_NAME, else MODEL_ID; None means the embedded model."""
+        return self.override_model_id or self.model_name or self.model_id
+
+    def logical_model_id(self, loaded_id: str) -> str:
+        """The id users see and persona data is filed under (seed 000's MODEL_ID semantics)."""
+        return self.model_id or self.model_name or loaded_id

@@ -1,0 +1,114 @@
+"""What a request hands the engine (rows to generate) and what it gets back (an async stream of events)."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from infrastructure.errors import PersonaError
+from infrastructure.steering.spec import Capture, SteeringSpec
+
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks force output lengths
+
+
+@dataclass(frozen=True)
+class RowRequest:
+    """One sequence to generate. `prompt_steer_mask` (one bool per prompt token) narrows where
+    steering applies in the prompt, e.g. to message contents only; None means every position."""
+
+    prompt_ids: tuple[int, ...]
+    sampling: SamplingParams
+    steering: SteeringSpec | None = None
+    captures: tuple[Capture, ...] = ()
+    prompt_steer_mask: tuple[bool, ...] | None = None
+
+
+@dataclass
+class RowToken:
+    row: int
+    token_id: int
+    delta: str
+    text: str  # cumulative
+
+
+@dataclass
+class RowFinished:
+    row: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    captures: dict[str, list[float]] = field(default_factory=dict)  # name -> projection per position
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class JobFailed:
+    error: PersonaError
+
+
+Event = RowToken | RowFinished | JobFailed
+
+
+class GenerationJob:
+    """A request's rows plus the channel its events travel on, from the inference thread to the loop."""
+
+    def __init__(self, rows: list[RowRequest], timeout_s: float | None = None) -> None:
+        self.id = next(_ids)
+        self.rows = rows
+        self.deadline = time.monotonic() + timeout_s if timeout_s else None
+        self.submitted_at = time.monotonic()
+        self._cancelled = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._queue: asyncio.Queue[Event] | None = None
+
+    def bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._queue = asyncio.Queue()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def cancel(self) -> None:
+        """Ask the engine to drop this job's rows at its next step (client gone, or gave up)."""
+        self._cancelled.set()
+
+    def emit(self, event: Event) -> None:
+        """Called on the inference thread; hands the event to the event loop without blocking."""
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+
+    async def events(self) -> AsyncIterator[Event]:
+        """Yield events until every row finished or the job failed; cancel the job if abandoned."""
+        pending = len(self.rows)
+        try:
+            while pending:
+                event = await self._queue.get()
+                yield event
+                if isinstance(event, JobFailed):
+                    return
+                if isinstance(event, RowFinished):
+                    pending -= 1
+        finally:
+            if pending:
+                self.cancel()

@@ -1,0 +1,113 @@
+"""Engine-side state of one row: its tokens, sampler, detokeniser, captures and finish rule."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from infrastructure.engine.detok import Detokenizer
+from infrastructure.engine.job import GenerationJob, RowFinished, RowRequest, RowToken
+from infrastructure.engine.sampling import RowSampler
+from infrastructure.steering.spec import Positions
+
+
+def capture_slots(request: RowRequest) -> list[tuple[str, int, int]]:
+    """(name, site, slot) for each capture of a row; slot k = the row's k-th capture at that site
+    (the same numbering `build_tables` uses)."""
+    seen: dict[int, int] = {}
+    slots = []
+    for cap in request.captures:
+        slot = seen.get(cap.site, 0)
+        seen[cap.site] = slot + 1
+        slots.append((cap.name, cap.site, slot))
+    return slots
+
+
+@dataclass
+class Row:
+    job: GenerationJob
+    index: int  # row number within its job
+    request: RowRequest
+    sampler: RowSampler
+    detok: Detokenizer
+    max_new: int
+    eos_ids: frozenset[int]
+    captured: dict[str, list[float]] = field(default_factory=dict)
+    finish_reason: str | None = None
+    stopped_text: str | None = None  # the text cut before a stop string
+
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.detok.ids
+
+    def steer_mask(self, token_ids: list[int], prompt: bool, special_ids: frozenset[int]) -> list[bool]:
+        """Which of these positions this row's steering applies to."""
+        spec = self.request.steering
+        if spec is None or spec.is_empty():
+            return [False] * len(token_ids)
+        if spec.positions is (Positions.RESPONSE if prompt else Positions.PROMPT):
+            return [False] * len(token_ids)
+        mask = [True] * len(token_ids)
+        if prompt and self.request.prompt_steer_mask is not None:
+            mask = list(self.request.prompt_steer_mask)
+        if not spec.steer_special_tokens:
+            mask = [m and t not in special_ids for m, t in zip(mask, token_ids)]
+        return mask
+
+    def record(self, values: dict[str, list[float]]) -> None:
+        for name, vals in values.items():
+            self.captured.setdefault(name, []).extend(vals)
+
+    def accept(self, token_id: int) -> RowToken | None:
+        """Take the sampled token; set finish_reason when the row is done. Returns the stream event."""
+        params = self.request.sampling
+        self.sampler.observe(token_id)
+        is_eos = token_id in self.eos_ids and not params.ignore_eos
+        delta = "" if is_eos else self.detok.push(token_id)
+        if is_eos:
+            self.detok.ids.append(token_id)
+            self.finish_reason = "stop"
+        elif params.stop and self._hit_stop():
+            self.finish_reason = "stop"
+            delta = ""
+        elif len(self.generated) >= self.max_new:
+            self.finish_reason = "length"
+        if not delta:
+            return None
+        return RowToken(row=self.index, token_id=token_id, delta=delta, text=self.detok.text)
+
+    def _hit_stop(self) -> bool:
+        text = self.detok.text
+        cut = min((i for i in (text.find(s) for s in self.request.sampling.stop) if i >= 0), default=-1)
+        if cut < 0:
+            return False
+        self.stopped_text = text[:cut]
+        return True
+
+    def finished_event(self, reason: str | None = None) -> RowFinished:
+        reason = reason or self.finish_reason or "stop"
+        text = self.stopped_text if self.stopped_text is not None else self.detok.final_text()
+        return RowFinished(
+            row=self.index,
+            text=text,
+            token_ids=list(self.generated),
+            finish_reason=reason,
+            prompt_tokens=self.prompt_len,
+            captures=self.captured,
+        )
+
+
+def left_pad_batch(rows: list[Row], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompt ids [B,T] left-padded and the attention mask [B,T] for a prefill."""
+    width = max(r.prompt_len for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(rows), width), dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, width - row.prompt_len :] = torch.tensor(row.request.prompt_ids)
+        attention[b, width - row.prompt_len :] = 1
+    return ids.to(device), attention.to(device)

@@ -1,0 +1,65 @@
+"""Per-row token selection: OpenAI-style penalties, temperature, top-p, and a seeded generator per row."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from infrastructure.engine.job import SamplingParams
+
+
+class RowSampler:
+    """Sampling state of one row: its own generator (same seed => same tokens, whatever the batch)
+    and token counts for frequency / presence penalties."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device) -> None:
+        self.params = params
+        self.generator: torch.Generator | None = None
+        if params.temperature > 0:
+            self.generator = torch.Generator(device=device)
+            self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        self.counts: torch.Tensor | None = None
+        if params.frequency_penalty or params.presence_penalty:
+            self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
+
+    def observe(self, token_id: int) -> None:
+        if self.counts is not None and token_id < self.counts.shape[0]:
+            self.counts[token_id] += 1
+
+    def penalise(self, logits: torch.Tensor) -> torch.Tensor:
+        """logit[j] -= frequency_penalty * count[j] + presence_penalty * (count[j] > 0)."""
+        if self.counts is None:
+            return logits
+        counts = self.counts[: logits.shape[-1]]
+        p = self.params
+        return logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).float()
+
+
+def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep, per row, the smallest set of tokens whose probability mass reaches top_p [R]."""
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs
+    drop = mass_before >= top_p.unsqueeze(-1)
+    drop[:, 0] = False
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+
+
+def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
+    """Choose the next token of every row from float32 logits [B,V]."""
+    logits = torch.stack([s.penalise(row) for s, row in zip(samplers, logits)]) if any(
+        s.counts is not None for s in samplers
+    ) else logits
+    chosen = logits.argmax(dim=-1)
+    hot = [i for i, s in enumerate(samplers) if s.generator is not None]
+    if hot:
+        idx = torch.tensor(hot, device=logits.device)
+        temps = torch.tensor([samplers[i].params.temperature for i in hot], device=logits.device)
+        top_p = torch.tensor([samplers[i].params.top_p for i in hot], device=logits.device)
+        scaled = top_p_filter(logits[idx] / temps.unsqueeze(-1), top_p)
+        probs = scaled.softmax(dim=-1)
+        for j, i in enumerate(hot):
+            chosen[i] = torch.multinomial(probs[j], 1, generator=samplers[i].generator)[0]
+    return chosen.tolist()

@@ -1,0 +1,82 @@
+"""Typed domain errors raised below the HTTP layer; `app/errors.py` maps each to a status code."""
+
+from __future__ import annotations
+
+
+class PersonaError(Exception):
+    """Base of every error this service raises on purpose. `param` names the request field at fault."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequestError(PersonaError):
+    """A request that is well-formed JSON but cannot be served as asked."""
+
+
+class UnknownTraitError(PersonaError):
+    type = "unknown_trait"
+
+
+class UnknownVectorError(PersonaError):
+    type = "unknown_vector"
+
+
+class InvalidHookError(PersonaError):
+    """A hook name that is not `blocks.L.hook_resid_post` / `blocks.L.hook_resid_pre` or a layer number."""
+
+    type = "invalid_hook"
+
+
+class HookOutOfRangeError(InvalidHookError):
+    type = "hook_out_of_range"
+
+
+class VectorShapeError(PersonaError):
+    type = "vector_shape"
+
+
+class NonFiniteVectorError(PersonaError):
+    type = "non_finite_vector"
+
+
+class TokenLimitError(PersonaError):
+    type = "token_limit"
+
+
+class QueueFullError(PersonaError):
+    type = "queue_full"
+
+    def __init__(self, message: str, retry_after: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineUnavailableError(PersonaError):
+    """The engine is loading, shutting down, or broken."""
+
+    type = "engine_unavailable"
+
+
+class GenerationError(PersonaError):
+    """Generation failed inside the engine (a fault in the batch this request was part of)."""
+
+    type = "generation_error"
+
+
+class RequestTimeoutError(PersonaError):
+    type = "timeout"
+
+
+class ModelLoadError(PersonaError):
+    """The configured model cannot be loaded (missing files, bad device, unsupported settings)."""
+
+    type = "model_load_error"
+
+
+class PersonaDataError(PersonaError):
+    type = "persona_data_error"

@@ -1,0 +1,157 @@
+"""Load the configured model and tokenizer: embedded default, local folder, GGUF file or cached HF id."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from app.settings import EMBEDDED_MODEL_ID, Settings
+from infrastructure.embedded import ensure_embedded
+from infrastructure.errors import ModelLoadError
+
+log = logging.getLogger(__name__)
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: Any
+    weights_id: str  # what was loaded (OVERRIDE_MODEL_ID / MODEL_NAME / embedded)
+    model_id: str  # logical id: persona data lookup, /v1/models
+    source: str  # embedded | local | gguf | cache
+    device: torch.device  # where inputs go (the embeddings' device)
+    devices: list[str]
+    dtype: torch.dtype
+    quantization: str
+    load_seconds: float
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(self.model.config.hidden_size)
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.config.num_hidden_layers)
+
+    @property
+    def max_positions(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+
+
+def resolve_device(setting: str) -> str:
+    """`auto` picks CUDA when visible; asking for CUDA without one is a start-up error."""
+    if setting == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if setting == "cuda":
+        raise ModelLoadError("DEVICE=cuda but no CUDA device is visible (use DEVICE=cpu or auto)")
+    return "cpu"
+
+
+def resolve_dtype(setting: str, device: str) -> torch.dtype:
+    if setting == "auto":
+        return torch.bfloat16 if device == "cuda" else torch.float32
+    return _DTYPES[setting]
+
+
+def _locate(settings: Settings) -> tuple[str, str, dict]:
+    """(weights id, source kind, from_pretrained path + kwargs) for the configured weights."""
+    source = settings.weights_source
+    if source is None:
+        folder = ensure_embedded(settings.model_cache_dir)
+        return EMBEDDED_MODEL_ID, "embedded", {"pretrained_model_name_or_path": str(folder)}
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {source} does not exist")
+        return source, "gguf", {"pretrained_model_name_or_path": str(path.parent), "gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{source} is a folder without config.json: not a transformers checkpoint")
+        return source, "local", {"pretrained_model_name_or_path": str(path)}
+    if source.count("/") != 1 or source.startswith(("/", ".")):
+        raise ModelLoadError(f"{source} is neither an existing folder, a .gguf file nor a hub id (owner/name)")
+    kwargs = {"pretrained_model_name_or_path": source, "cache_dir": str(settings.model_cache_dir)}
+    return source, "cache", kwargs | {"local_files_only": True}
+
+
+def _placement(settings: Settings, device: str) -> dict:
+    """device_map / max_memory for the chosen device; TENSOR_PARALLEL_SIZE GPUs share the layers."""
+    if device == "cpu":
+        return {"device_map": {"": "cpu"}}
+    visible = torch.cuda.device_count()
+    if settings.tensor_parallel_size > visible:
+        raise ModelLoadError(
+            f"TENSOR_PARALLEL_SIZE={settings.tensor_parallel_size} but only {visible} GPU(s) are visible"
+        )
+    budget = {
+        i: int(torch.cuda.get_device_properties(i).total_memory * settings.gpu_memory_utilization)
+        for i in range(settings.tensor_parallel_size)
+    }
+    return {"device_map": "auto", "max_memory": budget}
+
+
+def _quantization(settings: Settings, kwargs: dict) -> tuple[str, dict]:
+    """bitsandbytes on request; pre-quantised checkpoints announce themselves in their config."""
+    from transformers import AutoConfig, BitsAndBytesConfig
+
+    if "gguf_file" in kwargs:
+        config_q = None
+    else:
+        config = AutoConfig.from_pretrained(**kwargs)
+        config_q = getattr(config, "quantization_config", None)
+    if config_q is not None:
+        method = config_q.get("quant_method") if isinstance(config_q, dict) else config_q.quant_method
+        if settings.quantization != "none":
+            raise ModelLoadError(f"QUANTIZATION={settings.quantization} but the checkpoint is already {method}")
+        return str(method), {}
+    if settings.quantization == "bnb-8bit":
+        return "bnb-8bit", {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
+    if settings.quantization == "bnb-4bit":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        return "bnb-4bit", {"quantization_config": q}
+    return "none", {}
+
+
+def load_model(settings: Settings) -> LoadedModel:
+    """Load weights and tokenizer as configured; every failure is a ModelLoadError with a remedy."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.model_dtype, device)
+    weights_id, source, kwargs = _locate(settings)
+    try:
+        quantization, qkwargs = _quantization(settings, kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(**kwargs)
+        model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, **_placement(settings, device), **qkwargs)
+    except OSError as exc:
+        hint = f"; fetch it first: pipenv run python scripts/download_models.py {weights_id}"
+        raise ModelLoadError(f"cannot load {weights_id}: {exc}{hint if source == 'cache' else ''}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    devices = sorted({str(p.device) for p in model.parameters()})
+    loaded = LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        weights_id=weights_id,
+        model_id=settings.logical_model_id(weights_id),
+        source=source,
+        device=model.get_input_embeddings().weight.device,
+        devices=devices,
+        dtype=dtype,
+        quantization=quantization,
+        load_seconds=time.perf_counter() - started,
+    )
+    log.info("loaded %s (%s) on %s in %.1fs", weights_id, source, devices, loaded.load_seconds)
+    return loaded

@@ -1,0 +1,164 @@
+"""Hooks are plumbing: per-row steering tables for a batch, and closures that apply them.
+
+A batch's steering becomes, per site, dense tensors with one row per batch row (zero rows for
+unsteered requests), so one hook per site serves every row in one vectorised step:
+
+    ADD   h <- h + mask * delta                      delta [B,1,H]
+    CAP   h <- h - mask * max(0, h.u - tau) * u      u [B,1,H], tau [B,1,1]  (u = 0: no-op)
+
+Adds at a site are applied before caps. `mask` [B,T,1] is set by the engine for every forward.
+A zero delta / zero u leaves a row bit-identical to an unhooked forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from infrastructure.steering.sites import site_module
+from infrastructure.steering.spec import Capture, Method, SteeringSpec
+
+HOOK_MARK = "_persona_serving_hook"
+
+
+@dataclass
+class SiteTable:
+    add: torch.Tensor | None = None  # [B,1,H]
+    caps: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (u [B,1,H], tau [B,1,1])
+    captures: list[torch.Tensor] = field(default_factory=list)  # directions [B,1,H], one per capture slot
+
+    @property
+    def steers(self) -> bool:
+        return self.add is not None or bool(self.caps)
+
+
+@dataclass
+class BatchSteering:
+    """The steering state of one batch: site tables (fixed while the batch is unchanged) and the
+    per-forward position mask and capture outputs (set and read by the engine around each forward)."""
+
+    tables: dict[int, SiteTable]
+    mask: torch.Tensor | None = None  # [B,T] bool, set before each forward
+    captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (site, slot) -> [B,T]
+    _masks_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
+
+    def set_mask(self, mask: torch.Tensor) -> None:
+        self.mask = mask
+        self._masks_by_device = {}
+        self.captured = {}
+
+    def mask_for(self, like: torch.Tensor) -> torch.Tensor:
+        """The position mask as [B,T,1] on the device and dtype of a hidden state."""
+        key = like.device
+        cached = self._masks_by_device.get(key)
+        if cached is None or cached.dtype != like.dtype:
+            cached = self.mask.to(device=like.device, dtype=like.dtype).unsqueeze(-1)
+            self._masks_by_device[key] = cached
+        return cached
+
+
+def build_tables(
+    specs: Sequence[SteeringSpec | None],
+    captures: Sequence[Sequence[Capture]],
+    hidden_size: int,
+    device_of: Callable[[int], torch.device],
+    dtype: torch.dtype,
+) -> dict[int, SiteTable]:
+    """Turn each row's SteeringSpec and Captures into dense per-site tables for a batch of len(specs)."""
+    batch = len(specs)
+    tables: dict[int, SiteTable] = {}
+
+    def table(site: int) -> SiteTable:
+        return tables.setdefault(site, SiteTable())
+
+    def zeros(site: int, last: int = hidden_size) -> torch.Tensor:
+        return torch.zeros(batch, 1, last, dtype=dtype, device=device_of(site))
+
+    cap_slots: dict[tuple[int, int], int] = {}
+    for row, spec in enumerate(specs):
+        for op in spec.ops if spec else ():
+            t = table(op.site)
+            vec = op.vector.to(device=device_of(op.site), dtype=dtype)
+            if op.method is Method.ADD:
+                if t.add is None:
+                    t.add = zeros(op.site)
+                t.add[row, 0] += vec
+            else:
+                slot = cap_slots.get((row, op.site), 0)
+                cap_slots[(row, op.site)] = slot + 1
+                while len(t.caps) <= slot:
+                    t.caps.append((zeros(op.site), zeros(op.site, 1)))
+                t.caps[slot][0][row, 0] = vec
+                t.caps[slot][1][row, 0, 0] = op.tau
+    for row, row_captures in enumerate(captures):
+        slots: dict[int, int] = {}
+        for cap in row_captures:
+            t = table(cap.site)
+            slot = slots.get(cap.site, 0)
+            slots[cap.site] = slot + 1
+            while len(t.captures) <= slot:
+                t.captures.append(torch.zeros(batch, 1, hidden_size, dtype=torch.float32, device=device_of(cap.site)))
+            t.captures[slot][row, 0] = cap.direction.to(device=device_of(cap.site), dtype=torch.float32)
+    return tables
+
+
+def make_site_hook(site: int, table: SiteTable, state: BatchSteering) -> Callable:
+    """A forward hook applying one site's table; accepts tensor or tuple outputs (transformers 4.x/5.x)."""
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
+        hidden = output[0] if isinstance(output, tuple) else output
+        if table.steers:
+            mask = state.mask_for(hidden)
+            if table.add is not None:
+                hidden = hidden + table.add * mask
+            for u, tau in table.caps:
+                excess = ((hidden * u).sum(-1, keepdim=True) - tau).clamp_min(0)
+                hidden = hidden - (excess * mask) * u
+        for slot, direction in enumerate(table.captures):
+            state.captured[(site, slot)] = (hidden.float() * direction).sum(-1)
+        if isinstance(output, tuple):
+            return (hidden, *output[1:])
+        return hidden
+
+    setattr(hook, HOOK_MARK, True)
+    return hook
+
+
+class HookSet:
+    """Context manager registering one hook per site all-or-nothing, and removing exactly its own."""
+
+    def __init__(self, model: nn.Module, state: BatchSteering) -> None:
+        self.model = model
+        self.state = state
+        self.handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> HookSet:
+        try:
+            for site, table in sorted(self.state.tables.items()):
+                hook = make_site_hook(site, table, self.state)
+                self.handles.append(site_module(self.model, site).register_forward_hook(hook))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+
+def our_hooks(model: nn.Module) -> list[str]:
+    """Names of modules that still carry a hook of ours (should always be empty between steps)."""
+    found = []
+    for name, module in model.named_modules():
+        for hook in list(module._forward_hooks.values()) + list(module._forward_pre_hooks.values()):
+            if getattr(hook, HOOK_MARK, False):
+                found.append(name)
+    return found
