@@ -61,7 +61,8 @@ class Settings(BaseSettings):
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     max_vectors: int = Field(default=16, ge=1, description="Steering vectors per request.")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    warmup: bool = True
+    request_timeout_s: float = Field(default=600.0, gt=0, description="Time budget of one request.")
+    shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Grace period for in-flight work on stop.")
 
     @field_validator("model_name", "model_id", "override_model_id", "secret", mode="before")
     @classmethod

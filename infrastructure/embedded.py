@@ -75,7 +75,10 @@ def ensure_embedded(cache_dir: Path) -> Path:
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         bar.update()
         # a GGUF-loaded model refuses save_pretrained: rebuild a plain one from its config and weights
-        model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+        config = loaded.config
+        if hasattr(config, "quantization_config"):  # weights are dequantised: the copy is plain fp32
+            del config.quantization_config
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
         model.load_state_dict(loaded.state_dict())
         model.generation_config = loaded.generation_config
         bar.update()

@@ -112,6 +112,8 @@ def _quantization(settings: Settings, kwargs: dict) -> tuple[str, dict]:
         config_q = getattr(config, "quantization_config", None)
     if config_q is not None:
         method = config_q.get("quant_method") if isinstance(config_q, dict) else config_q.quant_method
+        if str(method) == "gguf":  # GGUF weights are dequantised on load
+            return "none", {}
         if settings.quantization != "none":
             raise ModelLoadError(f"QUANTIZATION={settings.quantization} but the checkpoint is already {method}")
         return str(method), {}

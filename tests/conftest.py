@@ -26,3 +26,37 @@ def engine(loaded_model: LoadedModel):
     assert engine.wait_ready(120), engine.broken
     yield engine
     engine.stop()
+
+
+@pytest.fixture(scope="session")
+def runtime(settings: Settings, loaded_model: LoadedModel, engine: PersonaEngine):
+    """The app's runtime around the session engine (the app does not own or stop it)."""
+    from app.runtime import Runtime
+
+    rt = Runtime(settings, owns_engine=False)
+    rt.attach(loaded_model, engine)
+    return rt
+
+
+@pytest.fixture(scope="session")
+def app(runtime):
+    from app.factory import create_app
+
+    return create_app(runtime=runtime)
+
+
+@pytest.fixture
+async def client(app):
+    import httpx
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+        yield c
+
+
+def chat_ids(tokenizer, question: str, system: str | None = None) -> tuple[int, ...]:
+    """Prompt ids of a one-question chat, as the routes render it."""
+    from infrastructure.prompting import render_chat
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
+    return render_chat(tokenizer, messages).ids

@@ -41,10 +41,10 @@ class BatchTensors:
         width = max(t_old, t_new)
         for old, new in zip(self.cache.layers, cache.layers):
             old.keys = torch.cat([_left_pad(old.keys, width - t_old, 2), _left_pad(new.keys, width - t_new, 2)])
-            old.values = torch.cat(
-                [_left_pad(old.values, width - t_old, 2), _left_pad(new.values, width - t_new, 2)]
-            )
-        self.attention = torch.cat([_left_pad(self.attention, width - t_old, 1), _left_pad(attention, width - t_new, 1)])
+            old.values = torch.cat([_left_pad(old.values, width - t_old, 2), _left_pad(new.values, width - t_new, 2)])
+        self.attention = torch.cat(
+            [_left_pad(self.attention, width - t_old, 1), _left_pad(attention, width - t_new, 1)]
+        )
         self.next_position = torch.cat([self.next_position, next_position])
         self.next_token = torch.cat([self.next_token, next_token])
 

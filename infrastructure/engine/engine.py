@@ -214,8 +214,10 @@ class PersonaEngine:
             positions = (attention.cumsum(-1) - 1).clamp_min(0)
             steering = self._steering_for(rows)
             width = ids.shape[1]
-            mask = [[False] * (width - r.prompt_len) + r.steer_mask(list(r.request.prompt_ids), True, self.special_ids)
-                     for r in rows]
+            mask = [
+                [False] * (width - r.prompt_len) + r.steer_mask(list(r.request.prompt_ids), True, self.special_ids)
+                for r in rows
+            ]
             steering.set_mask(torch.tensor(mask, dtype=torch.bool))
             cache = DynamicCache(config=self.model.config)
             logits = self._forward("prefill", steering, ids, attention, positions, cache)
@@ -294,7 +296,9 @@ class PersonaEngine:
         captured = {key: value.cpu() for key, value in steering.captured.items()}
         for b, row in enumerate(rows):
             n = row.prompt_len if prefill else 1
-            row.record({name: captured[(site, slot)][b, -n:].tolist() for name, site, slot in capture_slots(row.request)})
+            row.record(
+                {name: captured[(site, slot)][b, -n:].tolist() for name, site, slot in capture_slots(row.request)}
+            )
 
     def _accept(self, rows: list[Row], tokens: list[int]) -> None:
         for row, token in zip(rows, tokens):

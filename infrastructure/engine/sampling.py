@@ -49,9 +49,11 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
 
 def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
     """Choose the next token of every row from float32 logits [B,V]."""
-    logits = torch.stack([s.penalise(row) for s, row in zip(samplers, logits)]) if any(
-        s.counts is not None for s in samplers
-    ) else logits
+    logits = (
+        torch.stack([s.penalise(row) for s, row in zip(samplers, logits)])
+        if any(s.counts is not None for s in samplers)
+        else logits
+    )
     chosen = logits.argmax(dim=-1)
     hot = [i for i, s in enumerate(samplers) if s.generator is not None]
     if hot:

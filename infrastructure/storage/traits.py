@@ -46,7 +46,9 @@ class Trait:
     def vector(self, layer: int | None, param: str = "layer") -> tuple[int, torch.Tensor]:
         layer = self.default_layer if layer is None else layer
         if layer not in self.vectors:
-            raise HookOutOfRangeError(f"trait {self.name!r} has no vector for layer {layer}; it has {self.layers}", param)
+            raise HookOutOfRangeError(
+                f"trait {self.name!r} has no vector for layer {layer}; it has {self.layers}", param
+            )
         return layer, self.vectors[layer]
 
 

@@ -1,0 +1,24 @@
+"""POST /api/v1/generate and /api/v1/generate/baseline (seed 002)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from api.deps import RuntimeDep
+from api.schemas.common import ERROR_RESPONSES
+from api.schemas.generate import BaselineRequest, GenerateRequest, GenerateResponse
+from api.services.generate import run_generate
+
+router = APIRouter(prefix="/api/v1", tags=["Persona Serving API"], responses=ERROR_RESPONSES)
+
+
+@router.post("/generate", response_model=GenerateResponse, summary="Generate with persona steering")
+async def generate(body: GenerateRequest, runtime: RuntimeDep) -> GenerateResponse:
+    """One user turn steered by one trait (`trait`, `scalar`, `layer`) or several (`traits`)."""
+    return await run_generate(runtime, body)
+
+
+@router.post("/generate/baseline", response_model=GenerateResponse, summary="Generate without steering")
+async def generate_baseline(body: BaselineRequest, runtime: RuntimeDep) -> GenerateResponse:
+    """The same generation with no steering; same seed => same text as `generate` with scalar 0."""
+    return await run_generate(runtime, body)

@@ -1,0 +1,40 @@
+"""Shapes shared by every route group."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class StrictModel(BaseModel):
+    """Request bodies: unknown fields are errors (a typo must not silently change behaviour), and
+    NaN/Infinity are refused."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ErrorDetail(BaseModel):
+    type: str
+    message: str
+    param: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorDetail
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+ERROR_RESPONSES = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in {
+        400: "Invalid request (the field at fault is in `param`)",
+        401: "Missing or wrong secret",
+        404: "Unknown trait or vector",
+        422: "Request body failed validation",
+        503: "Model loading, engine unavailable, or queue full (see Retry-After)",
+    }.items()
+}

@@ -1,0 +1,52 @@
+"""Trait listings and service status."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+
+class TraitSummary(BaseModel):
+    name: str
+    description: str
+    layers: list[int]
+    default_layer: int
+    model: str
+
+
+class TraitsResponse(BaseModel):
+    traits: list[TraitSummary]
+
+
+class TraitDetail(TraitSummary):
+    norms: dict[int, float]
+    metadata: dict
+    vector_file: str
+    prompts_file: str | None
+
+
+class HealthResponse(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+class StatusResponse(BaseModel):
+    status: str
+    model: str | None
+    weights: str | None
+    source: str | None
+    devices: list[str]
+    dtype: str | None
+    quantization: str | None
+    hidden_size: int | None
+    layers: int | None
+    context_length: int | None
+    traits: list[str]
+    traits_skipped: dict[str, str]
+    persona_monitoring: bool
+    persona_monitoring_detail: str | None
+    queue_depth: int
+    active_requests: int
+    engine: dict
+    load_seconds: float | None
+    uptime_s: float
+    error: str | None = None

@@ -1,0 +1,79 @@
+"""Seed 002's generate and baseline: one user turn, optional trait steering, one row."""
+
+from __future__ import annotations
+
+from api.schemas.common import Usage
+from api.schemas.generate import AppliedTrait, BaselineRequest, GenerateRequest, GenerateResponse
+from app.runtime import Runtime
+from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
+from infrastructure.errors import InvalidRequestError, TokenLimitError
+from infrastructure.prompting import render_chat
+from infrastructure.steering.resolve import ModelShape, VectorRef, resolve_steering
+
+
+def model_shape(runtime: Runtime) -> ModelShape:
+    return ModelShape(runtime.loaded.hidden_size, runtime.loaded.n_layers)
+
+
+def check_new_tokens(runtime: Runtime, value: int, param: str) -> int:
+    limit = runtime.settings.max_new_tokens_limit
+    if value > limit:
+        raise InvalidRequestError(f"{value} new tokens exceed the limit of {limit} (MAX_NEW_TOKENS_LIMIT)", param)
+    return value
+
+
+def check_prompt_tokens(runtime: Runtime, n_tokens: int, param: str = "prompt") -> None:
+    limit = runtime.settings.token_limit
+    if n_tokens > limit:
+        raise TokenLimitError(f"Text too long: {n_tokens} tokens, max is {limit} (TOKEN_LIMIT)", param)
+    runtime.engine.check_prompt(n_tokens, param)
+
+
+def sampling_from(runtime: Runtime, body: BaselineRequest | GenerateRequest) -> SamplingParams:
+    s = runtime.settings
+    return SamplingParams(
+        max_new_tokens=check_new_tokens(runtime, body.max_tokens or s.max_tokens, "max_tokens"),
+        temperature=s.temperature if body.temperature is None else body.temperature,
+        top_p=s.top_p if body.top_p is None else body.top_p,
+        seed=body.seed,
+    )
+
+
+async def run_generate(runtime: Runtime, body: BaselineRequest | GenerateRequest) -> GenerateResponse:
+    engine = runtime.require_engine()
+    applied: list[AppliedTrait] = []
+    steering = None
+    if isinstance(body, GenerateRequest):
+        steers = body.steers()
+        prefix = "traits" if body.traits is not None else None
+        refs = [
+            VectorRef(
+                param=f"{prefix}.{i}" if prefix else "", scale=t.scalar, trait=t.trait, hook=t.layer, hook_field="layer"
+            )
+            for i, t in enumerate(steers)
+        ]
+        steering = resolve_steering(
+            refs, runtime.traits, model_shape(runtime), max_vectors=runtime.settings.max_vectors
+        )
+        applied = [AppliedTrait(trait=t.trait, scalar=t.scalar, layer=op.site) for t, op in zip(steers, steering.ops)]
+    prompt = render_chat(engine.tokenizer, [{"role": "user", "content": body.prompt}])
+    check_prompt_tokens(runtime, len(prompt.ids))
+    job = GenerationJob(
+        [RowRequest(prompt.ids, sampling_from(runtime, body), steering)], timeout_s=runtime.settings.request_timeout_s
+    )
+    [done] = await engine.collect(job)
+    single = applied[0] if len(applied) == 1 and isinstance(body, GenerateRequest) and body.traits is None else None
+    return GenerateResponse(
+        text=done.text,
+        trait=single.trait if single else None,
+        scalar=single.scalar if single else None,
+        layer=single.layer if single else None,
+        traits=applied,
+        model=runtime.loaded.model_id,
+        finish_reason=done.finish_reason,
+        usage=Usage(
+            prompt_tokens=done.prompt_tokens,
+            completion_tokens=done.completion_tokens,
+            total_tokens=done.prompt_tokens + done.completion_tokens,
+        ),
+    )

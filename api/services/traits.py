@@ -1,0 +1,64 @@
+"""Trait listings and the status report, read from the runtime."""
+
+from __future__ import annotations
+
+import time
+
+from api.schemas.traits import StatusResponse, TraitDetail, TraitsResponse, TraitSummary
+from app.runtime import Runtime
+from infrastructure.storage.traits import Trait
+
+
+def _summary(trait: Trait) -> dict:
+    return {
+        "name": trait.name,
+        "description": trait.description,
+        "layers": trait.layers,
+        "default_layer": trait.default_layer,
+        "model": trait.model_name,
+    }
+
+
+def list_traits(runtime: Runtime) -> TraitsResponse:
+    runtime.require_engine()
+    return TraitsResponse(traits=[TraitSummary(**_summary(t)) for _, t in sorted(runtime.traits.traits.items())])
+
+
+def trait_detail(runtime: Runtime, name: str) -> TraitDetail:
+    runtime.require_engine()
+    trait = runtime.traits.get(name, "name")
+    return TraitDetail(
+        **_summary(trait),
+        norms=trait.norms(),
+        metadata=trait.metadata,
+        vector_file=str(trait.source),
+        prompts_file=str(trait.prompts_file) if trait.prompts_file else None,
+    )
+
+
+def status(runtime: Runtime) -> StatusResponse:
+    loaded, engine = runtime.loaded, runtime.engine
+    return StatusResponse(
+        status=runtime.state,
+        model=loaded.model_id if loaded else None,
+        weights=loaded.weights_id if loaded else None,
+        source=loaded.source if loaded else None,
+        devices=loaded.devices if loaded else [],
+        dtype=str(loaded.dtype).removeprefix("torch.") if loaded else None,
+        quantization=loaded.quantization if loaded else None,
+        hidden_size=loaded.hidden_size if loaded else None,
+        layers=loaded.n_layers if loaded else None,
+        context_length=engine.context_len if engine else None,
+        traits=sorted(runtime.traits.traits),
+        traits_skipped=runtime.traits.skipped,
+        persona_monitoring=runtime.axis is not None,
+        persona_monitoring_detail=(
+            f"assistant axis at layer {runtime.axis.layer}" if runtime.axis else runtime.axis_problem
+        ),
+        queue_depth=engine.queue_depth if engine else 0,
+        active_requests=engine.active_requests if engine else 0,
+        engine=dict(engine.stats, max_batch_size=engine.max_batch_size) if engine else {},
+        load_seconds=round(loaded.load_seconds, 2) if loaded else None,
+        uptime_s=round(time.time() - runtime.started_at, 1),
+        error=runtime.load_error or (engine.broken if engine else None),
+    )

@@ -1,0 +1,102 @@
+"""The one error table: every domain error, validation error and HTTP error becomes
+`{"error": {"type", "message", "param"}}` with the status below. Unknown errors are logged and
+answered with a generic 500 (no traceback leaves the server)."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from infrastructure.errors import (
+    EngineUnavailableError,
+    GenerationError,
+    ModelLoadError,
+    PersonaDataError,
+    PersonaError,
+    QueueFullError,
+    RequestTimeoutError,
+    UnknownTraitError,
+    UnknownVectorError,
+)
+
+log = logging.getLogger(__name__)
+
+# checked in order: the first matching class decides (subclasses before their bases)
+STATUS: list[tuple[type[PersonaError], int]] = [
+    (UnknownTraitError, 404),
+    (UnknownVectorError, 404),
+    (QueueFullError, 503),
+    (EngineUnavailableError, 503),
+    (RequestTimeoutError, 504),
+    (GenerationError, 500),
+    (ModelLoadError, 500),
+    (PersonaDataError, 500),
+    (PersonaError, 400),
+]
+
+HTTP_TYPES = {
+    400: "invalid_request_error",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "payload_too_large",
+    429: "rate_limited",
+}
+
+
+def error_body(type_: str, message: str, param: str | None = None) -> dict:
+    body = {"type": type_, "message": message}
+    if param:
+        body["param"] = param
+    return {"error": body}
+
+
+def status_of(exc: PersonaError) -> int:
+    return next(status for cls, status in STATUS if isinstance(exc, cls))
+
+
+def error_response(exc: PersonaError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, QueueFullError) else None
+    return JSONResponse(error_body(exc.type, exc.message, exc.param), status_code=status_of(exc), headers=headers)
+
+
+def _field(loc: tuple) -> str | None:
+    parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    return ".".join(parts) or None
+
+
+async def _persona_error(request: Request, exc: PersonaError) -> JSONResponse:
+    return error_response(exc)
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = exc.errors()
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return JSONResponse(error_body("invalid_json", f"malformed JSON: {first.get('msg')}"), status_code=400)
+    param = _field(tuple(first.get("loc", ())))
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    if len(errors) > 1:
+        message += f" (and {len(errors) - 1} more error(s))"
+    return JSONResponse(error_body("validation_error", message, param), status_code=422)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    type_ = HTTP_TYPES.get(exc.status_code, "http_error")
+    return JSONResponse(error_body(type_, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+
+
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(PersonaError, _persona_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _unexpected)

@@ -1,0 +1,48 @@
+"""create_app(settings): the FastAPI app, with nothing heavy done at import time."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from api.routes import generate, health, traits
+from app.auth import SecretAuthMiddleware
+from app.errors import install_error_handlers
+from app.runtime import Runtime
+from app.settings import Settings
+
+DESCRIPTION = (
+    "Steer language models at inference time: persona/trait vectors added to the residual stream "
+    "through forward hooks, per request, batched. Seed 002's Persona Serving API, Neuronpedia's "
+    "steered completion-chat and an OpenAI-compatible API."
+)
+
+
+def create_app(settings: Settings | None = None, runtime: Runtime | None = None) -> FastAPI:
+    """Build the app. Tests pass a `runtime` that already holds a loaded model and engine."""
+    settings = settings or (runtime.settings if runtime else Settings())
+    runtime = runtime or Runtime(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if runtime.engine is None and runtime.load_error is None:
+            runtime.load_in_background()
+        yield
+        await asyncio.to_thread(runtime.shutdown, settings.shutdown_timeout_s)
+
+    app = FastAPI(title="Persona Serving API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.runtime = runtime
+    install_error_handlers(app)
+    for module in (health, generate, traits):
+        app.include_router(module.router)
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
+        )
+    if settings.secret:
+        app.add_middleware(SecretAuthMiddleware, secret=settings.secret)
+    return app

@@ -1,0 +1,92 @@
+"""What the app serves with: settings, the loaded model, the engine, traits and persona data.
+
+Built once per process (in the lifespan, or handed in by tests) and reached through dependencies.
+Loading runs off the event loop so /health can answer 503 while it happens."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from app.settings import Settings
+from infrastructure.engine.engine import PersonaEngine
+from infrastructure.errors import EngineUnavailableError, PersonaDataError
+from infrastructure.model_loader import LoadedModel, load_model
+from infrastructure.persona.axis_data import AssistantAxis, load_axis, model_folder
+from infrastructure.storage.traits import TraitStore, load_traits
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    loaded: LoadedModel | None = None
+    engine: PersonaEngine | None = None
+    traits: TraitStore = field(default_factory=TraitStore)
+    axis: AssistantAxis | None = None
+    axis_problem: str | None = None
+    load_error: str | None = None
+    started_at: float = field(default_factory=time.time)
+    owns_engine: bool = True
+
+    @property
+    def state(self) -> str:
+        if self.load_error or (self.engine is not None and self.engine.broken):
+            return "error"
+        if self.engine is None or not self.engine.ready:
+            return "loading"
+        return "ok"
+
+    def require_engine(self) -> PersonaEngine:
+        if self.state == "ok":
+            return self.engine
+        if self.state == "loading":
+            raise EngineUnavailableError("the model is still loading; retry shortly")
+        raise EngineUnavailableError(f"the model failed: {self.load_error or self.engine.broken}")
+
+    def attach(self, loaded: LoadedModel, engine: PersonaEngine) -> None:
+        """Load traits and persona data for this model, then expose the engine."""
+        ids = {loaded.model_id, loaded.weights_id}
+        s = self.settings
+        self.traits = load_traits(s.vectors_dir, s.prompts_dir, ids, loaded.hidden_size, loaded.n_layers)
+        self.axis, self.axis_problem = None, None
+        if not s.persona_monitoring:
+            self.axis_problem = "persona monitoring is off (PERSONA_MONITORING=false)"
+        else:
+            try:
+                folder = model_folder(s.persona_data_path, loaded.model_id)
+                self.axis = load_axis(folder, loaded.hidden_size, loaded.n_layers)
+            except PersonaDataError as exc:
+                self.axis_problem = exc.message
+        self.loaded = loaded
+        self.engine = engine
+
+    def load(self) -> None:
+        """Load the configured model and start a warmed engine (blocking; run it in a thread)."""
+        try:
+            loaded = load_model(self.settings)
+            engine = PersonaEngine(
+                loaded,
+                max_batch_size=self.settings.max_batch_size,
+                max_queue=self.settings.max_queue,
+                max_model_len=self.settings.max_model_len,
+            )
+            engine.start()
+            if not engine.wait_ready():
+                raise RuntimeError(engine.broken or "engine did not start")
+            self.attach(loaded, engine)
+        except Exception as exc:  # reported by /health and /status
+            self.load_error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+            log.exception("model load failed")
+
+    def load_in_background(self) -> threading.Thread:
+        thread = threading.Thread(target=self.load, name="model-loader", daemon=True)
+        thread.start()
+        return thread
+
+    def shutdown(self, timeout: float) -> None:
+        if self.engine is not None and self.owns_engine:
+            self.engine.stop(timeout)
