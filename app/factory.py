@@ -12,6 +12,9 @@ from fastapi.middleware.cors import CORSMiddleware
 from api.routes import generate, health, traits
 from app.auth import SecretAuthMiddleware
 from app.errors import install_error_handlers
+from app.limits import BodySizeLimitMiddleware, install_rate_limit
+from app.metrics import install_metrics
+from app.request_id import RequestIdMiddleware, configure_logging
 from app.runtime import Runtime
 from app.settings import Settings
 
@@ -29,6 +32,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        configure_logging(settings.log_format, settings.log_level)
         if runtime.engine is None and runtime.load_error is None:
             runtime.load_in_background()
         yield
@@ -39,10 +43,23 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     install_error_handlers(app)
     for module in (health, generate, traits):
         app.include_router(module.router)
-    if settings.cors_origins:
-        app.add_middleware(
-            CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["*"], allow_headers=["*"]
-        )
+    _add_middleware(app, settings, runtime)
+    return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings, runtime: Runtime) -> None:
+    """Innermost first: body size, rate limit, auth, CORS, metrics, request id (outermost)."""
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    install_rate_limit(app, settings.rate_limit)
     if settings.secret:
         app.add_middleware(SecretAuthMiddleware, secret=settings.secret)
-    return app
+    if settings.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["*"],
+            allow_headers=["*"],
+            expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    install_metrics(app, runtime)
+    app.add_middleware(RequestIdMiddleware)

@@ -10,9 +10,11 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from app.metrics import instrument_engine
 from app.settings import Settings
 from infrastructure.engine.engine import PersonaEngine
 from infrastructure.errors import EngineUnavailableError, PersonaDataError
+from infrastructure.faults import build_fault
 from infrastructure.model_loader import LoadedModel, load_model
 from infrastructure.persona.axis_data import AssistantAxis, load_axis, model_folder
 from infrastructure.storage.traits import TraitStore, load_traits
@@ -61,6 +63,9 @@ class Runtime:
                 self.axis = load_axis(folder, loaded.hidden_size, loaded.n_layers)
             except PersonaDataError as exc:
                 self.axis_problem = exc.message
+        if s.fault_injection:
+            engine.fault = build_fault(s.fault_injection)
+        instrument_engine(engine)
         self.loaded = loaded
         self.engine = engine
 

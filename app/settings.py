@@ -60,14 +60,38 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=256, ge=1, description="Requests waiting beyond the running batch.")
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     max_vectors: int = Field(default=16, ge=1, description="Steering vectors per request.")
+    max_layers: int = Field(default=16, ge=1, description="Distinct steered layers (hook sites) per request.")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
     request_timeout_s: float = Field(default=600.0, gt=0, description="Time budget of one request.")
     shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Grace period for in-flight work on stop.")
+
+    # --- hardening and observability ---
+    rate_limit: str = Field(
+        default="", description='Per-client rate limit, slowapi syntax ("120/minute"; several: "10/second;500/hour"). '
+        "Empty: off."
+    )
+    fault_injection: str = Field(
+        default="",
+        pattern=r"^$|^(prefill|decode):[1-9][0-9]*(:oom)?(,(prefill|decode):[1-9][0-9]*(:oom)?)*$",
+        description='Testing only: "decode:3" raises on the 3rd decode forward (once); ":oom" raises an '
+        "out-of-memory error instead; comma-separate several.",
+    )
+    log_format: Literal["json", "text"] = Field(default="json", description="Log lines as JSON (with request ids).")
+    log_level: str = Field(default="INFO")
 
     @field_validator("model_name", "model_id", "override_model_id", "secret", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parsable_rate(cls, value: str) -> str:
+        if value.strip():
+            from limits import parse_many
+
+            parse_many(value)  # raises ValueError on a malformed limit
+        return value
 
     @property
     def weights_source(self) -> str | None:

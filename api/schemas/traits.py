@@ -47,6 +47,7 @@ class StatusResponse(BaseModel):
     queue_depth: int
     active_requests: int
     engine: dict
+    hooks_attached: int = 0  # modules holding a hook of ours right now (0 whenever no forward runs)
     load_seconds: float | None
     uptime_s: float
     error: str | None = None

@@ -53,7 +53,11 @@ async def run_generate(runtime: Runtime, body: BaselineRequest | GenerateRequest
             for i, t in enumerate(steers)
         ]
         steering = resolve_steering(
-            refs, runtime.traits, model_shape(runtime), max_vectors=runtime.settings.max_vectors
+            refs,
+            runtime.traits,
+            model_shape(runtime),
+            max_vectors=runtime.settings.max_vectors,
+            max_layers=runtime.settings.max_layers,
         )
         applied = [AppliedTrait(trait=t.trait, scalar=t.scalar, layer=op.site) for t, op in zip(steers, steering.ops)]
     prompt = render_chat(engine.tokenizer, [{"role": "user", "content": body.prompt}])

@@ -6,6 +6,7 @@ import time
 
 from api.schemas.traits import StatusResponse, TraitDetail, TraitsResponse, TraitSummary
 from app.runtime import Runtime
+from infrastructure.steering.hooks import our_hooks
 from infrastructure.storage.traits import Trait
 
 
@@ -58,6 +59,7 @@ def status(runtime: Runtime) -> StatusResponse:
         queue_depth=engine.queue_depth if engine else 0,
         active_requests=engine.active_requests if engine else 0,
         engine=dict(engine.stats, max_batch_size=engine.max_batch_size) if engine else {},
+        hooks_attached=len(our_hooks(loaded.model)) if loaded else 0,
         load_seconds=round(loaded.load_seconds, 2) if loaded else None,
         uptime_s=round(time.time() - runtime.started_at, 1),
         error=runtime.load_error or (engine.broken if engine else None),

@@ -75,11 +75,17 @@ def resolve_steering(
     positions: Positions = Positions.ALL,
     steer_special_tokens: bool = True,
     max_vectors: int | None = None,
+    max_layers: int | None = None,
 ) -> SteeringSpec | None:
     """The SteeringSpec for these refs (None when there is nothing to steer)."""
     if max_vectors is not None and len(refs) > max_vectors:
         raise InvalidRequestError(f"{len(refs)} vectors exceed the limit of {max_vectors} (MAX_VECTORS)", "vectors")
     ops = tuple(resolve_op(ref, traits, shape) for ref in refs)
+    layers = {op.site for op in ops}
+    if max_layers is not None and len(layers) > max_layers:
+        raise InvalidRequestError(
+            f"vectors steer {len(layers)} distinct layers, more than the limit of {max_layers} (MAX_LAYERS)", "vectors"
+        )
     if not ops:
         return None
     return SteeringSpec(ops=ops, positions=positions, steer_special_tokens=steer_special_tokens)
