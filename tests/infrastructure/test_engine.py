@@ -9,7 +9,7 @@ import torch
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.steering.hooks import our_hooks
 from infrastructure.steering.spec import Positions, SteeringSpec, add_op
-from tests.conftest import chat_ids
+from tests.helpers import chat_ids
 
 GREEDY = SamplingParams(max_new_tokens=24)
 LAYER = 15
