@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
-import httpx
 import pytest
 from fastapi import FastAPI
 
 from app.factory import create_app
 from app.runtime import Runtime
 from app.settings import Settings
-
-GREEDY_PROBE = {"prompt": "Name a colour.", "max_tokens": 6, "temperature": 0}
 
 
 @pytest.fixture(scope="session")
@@ -27,22 +23,3 @@ def make_app(loaded_model, engine) -> Callable[..., FastAPI]:
         return create_app(settings, runtime=runtime)
 
     return build
-
-
-@asynccontextmanager
-async def client_for(app: FastAPI, **kwargs) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120, **kwargs) as c:
-        yield c
-
-
-def assert_error_shape(response: httpx.Response, status: int, type_: str | None = None) -> dict:
-    """The one error shape, with this status (and type); returns the inner error object."""
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
-    assert set(error) <= {"type", "message", "param"} and error["type"] and error["message"], body
-    if type_ is not None:
-        assert error["type"] == type_, body
-    return error

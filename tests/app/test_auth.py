@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.conftest import GREEDY_PROBE, assert_error_shape, client_for
+from tests.app.support import GREEDY_PROBE, assert_error_shape, client_for
 
 SECRET = "s3cret-for-tests"
 PROTECTED = [

@@ -10,7 +10,7 @@ import torch
 from infrastructure.errors import InvalidRequestError
 from infrastructure.steering.resolve import ModelShape, VectorRef, resolve_steering
 from infrastructure.storage.traits import TraitStore
-from tests.app.conftest import GREEDY_PROBE, assert_error_shape, client_for
+from tests.app.support import GREEDY_PROBE, assert_error_shape, client_for
 
 BASELINE = "/api/v1/generate/baseline"
 
