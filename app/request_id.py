@@ -85,12 +85,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(fmt: str = "json", level: str = "INFO") -> None:
-    """Route the root logger through one stderr handler, as JSON lines or plain text."""
+    """Route the root logger through one stderr handler, as JSON lines or plain text (replacing
+    plain console handlers, e.g. basicConfig's, and keeping any other, e.g. a test runner's)."""
     handler = logging.StreamHandler()
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
-    root.handlers = [handler]
+    root.handlers = [h for h in root.handlers if type(h) is not logging.StreamHandler] + [handler]
     root.setLevel(level.upper())
