@@ -1,0 +1,61 @@
+"""The serving benchmark's one markdown table, built from its JSON numbers."""
+
+from __future__ import annotations
+
+W2_RUNS = (
+    ("w2_steered", "W2 {n} clients, distinct vectors", "≥ 3,000 (H100, 7B)"),
+    ("w2_unsteered", "W2 {n} clients, no steering", ""),
+    ("w2_one_at_a_time", "W2 {n} clients, one request at a time", ""),
+)
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def rows(n: dict) -> list[tuple[str, str, float | None, str]]:
+    """(workload, metric, value, issue-5 target) for every line of the table."""
+    w1 = n["w1"]
+    out = [
+        ("W1 one client, steered", "decode tokens/s", w1["decode_tokens_per_s"], "≥ 140 (H100, 7B)"),
+        ("W1 one client, steered", "% of HBM roofline", w1["pct_roofline"], "≥ 70 % (H100, 7B)"),
+    ]
+    for key, label, target in W2_RUNS:
+        r = n[key]
+        name = label.format(n=r["requests"])
+        out += [
+            (name, "aggregate tokens/s", r["tokens_per_s"], target),
+            (name, "TTFT p50 ms", r["ttft_p50_ms"], ""),
+            (name, "TTFT p99 ms", r["ttft_p99_ms"], "≤ 1,000 (H100, 7B)" if key == "w2_steered" else ""),
+            (name, "ITL p50 ms", r["itl_p50_ms"], ""),
+            (name, "ITL p99 ms", r["itl_p99_ms"], ""),
+        ]
+    steered, plain, seq = (n[k]["tokens_per_s"] for k in ("w2_steered", "w2_unsteered", "w2_one_at_a_time"))
+    out += [
+        ("W2 distinct vectors ÷ no steering", "throughput ratio", steered / plain, "≥ 0.9 (H100, 7B)"),
+        ("W2 batched ÷ one at a time", "throughput ratio", steered / seq, "≥ 3 (CPU, 8 clients)"),
+        ("W3 STEERED+DEFAULT ÷ DEFAULT only", "wall-time ratio", n["w3"]["ratio"], "≤ 1.15 (H100, 7B)"),
+        (
+            "W4 monitoring on ÷ off",
+            "throughput ratio",
+            n["w4_monitoring_on"]["tokens_per_s"] / steered,
+            "≥ 0.95 (H100, 7B)",
+        ),
+    ]
+    return out
+
+
+def render_table(n: dict) -> str:
+    """Markdown: a header line naming the setup, then | workload | metric | value | target |."""
+    w1 = n["w1"]
+    roof = f", roofline {w1['roofline_tokens_per_s']:.0f} tok/s" if w1.get("roofline_tokens_per_s") else ""
+    head = (
+        f"{n['date']} · {n['device']} · {n['model']} ({n['layers']} layers, {n['dtype']}) · "
+        f"{n['clients']} clients × {n['prompt_tokens_mean']:.0f}-token prompts × {n['new_tokens']} new tokens"
+        f" · weights {w1['weight_bytes'] / 1e9:.2f} GB{roof} · `{n['command']}`"
+    )
+    lines = [head, "", "| workload | metric | value | target (issue 5) |", "|---|---|---:|---|"]
+    lines += [f"| {w} | {m} | {_fmt(v)} | {t} |" for w, m, v, t in rows(n)]
+    return "\n".join(lines)

@@ -1,0 +1,118 @@
+"""scripts/bench_serving.py --smoke end to end: the real server, every workload, one table and its JSON."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_archs import ARCHS, arch_config  # noqa: E402
+from bench_client import CHAT_ROUTE, percentile  # noqa: E402
+
+EXPECTED_ROWS = [
+    ("W1 one client, steered", "decode tokens/s"),
+    ("W1 one client, steered", "% of HBM roofline"),
+    *[
+        (f"W2 3 clients, {kind}", metric)
+        for kind in ("distinct vectors", "no steering", "one request at a time")
+        for metric in ("aggregate tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms")
+    ],
+    ("W2 distinct vectors ÷ no steering", "throughput ratio"),
+    ("W2 batched ÷ one at a time", "throughput ratio"),
+    ("W3 STEERED+DEFAULT ÷ DEFAULT only", "wall-time ratio"),
+    ("W4 monitoring on ÷ off", "throughput ratio"),
+]
+
+
+def chat_route_exists() -> bool:
+    from app.factory import create_app
+    from app.settings import Settings
+
+    return CHAT_ROUTE in create_app(Settings()).openapi()["paths"]
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory) -> tuple[str, dict]:
+    if not chat_route_exists():
+        pytest.skip(f"{CHAT_ROUTE} is not served yet")
+    out = tmp_path_factory.mktemp("bench") / "smoke.json"
+    done = subprocess.run(
+        [sys.executable, "scripts/bench_serving.py", "--smoke", "--device", "cpu", "--json", str(out)],
+        cwd=ROOT,
+        env=os.environ | {"MODEL_CACHE_DIR": str(ROOT / "data" / "models")},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout, json.loads(out.read_text())
+
+
+def table_rows(stdout: str) -> dict[tuple[str, str], str]:
+    rows = {}
+    for line in stdout.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("| W") and len(cells) == 4:
+            rows[(cells[0], cells[1])] = cells[2]
+    return rows
+
+
+def test_table_has_every_row_with_a_positive_number(smoke):
+    stdout, _ = smoke
+    rows = table_rows(stdout)
+    assert list(rows) == EXPECTED_ROWS
+    for key, value in rows.items():
+        if key == ("W1 one client, steered", "% of HBM roofline"):
+            assert value == "n/a"  # no bandwidth to measure on the CPU
+            continue
+        assert re.fullmatch(r"[0-9][0-9,]*(\.[0-9]+)?(e[-+]?[0-9]+)?", value), (key, value)
+        assert float(value.replace(",", "")) > 0, key
+
+
+def test_every_request_decoded_its_forced_length(smoke):
+    _, numbers = smoke
+    for name in ("w2_steered", "w2_unsteered", "w2_one_at_a_time", "w4_monitoring_on"):
+        run = numbers[name]
+        assert run["requests"] == 3
+        assert run["tokens"] == run["expected_tokens"] == 3 * numbers["new_tokens"], name
+    assert numbers["w1"]["tokens"] == numbers["new_tokens"]
+
+
+def test_monitoring_rides_only_on_w4(smoke):
+    _, numbers = smoke
+    assert numbers["w4_monitoring_on"]["axis_frames"] == 3
+    assert numbers["w2_steered"]["axis_frames"] == 0
+    assert numbers["w3"]["ratio"] > 0 and numbers["w3"]["repeats"] == 1
+
+
+def test_json_and_table_agree(smoke):
+    stdout, numbers = smoke
+    assert numbers["table"] in stdout
+    assert numbers["model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert numbers["w1"]["weight_bytes"] == 134_515_008 * 4  # SmolLM2-135M in fp32, tied embeddings once
+
+
+def test_arch_configs_match_the_published_shapes():
+    qwen7 = arch_config("qwen2.5-7b")
+    assert (qwen7.hidden_size, qwen7.num_hidden_layers, qwen7.num_attention_heads) == (3584, 28, 28)
+    assert (qwen7.num_key_value_heads, qwen7.intermediate_size, qwen7.vocab_size) == (4, 18944, 152064)
+    assert not qwen7.tie_word_embeddings
+    assert arch_config("qwen2.5-1.5b").tie_word_embeddings
+    llama = arch_config("llama-3.3-70b", layers=4)
+    assert (llama.hidden_size, llama.num_hidden_layers, llama.vocab_size) == (8192, 4, 128256)
+    assert set(ARCHS) == {"qwen2.5-7b", "qwen2.5-1.5b", "qwen2.5-3b", "llama-3.3-70b"}
+
+
+def test_nearest_rank_percentile():
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 50) == 50.0
+    assert percentile(values, 99) == 99.0
+    assert percentile([3.0], 99) == 3.0
