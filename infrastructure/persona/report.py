@@ -67,6 +67,28 @@ def _samples(results: list[TraitEval]) -> list[str]:
     return lines
 
 
+def _notes(results: list[TraitEval]) -> list[str]:
+    """An honest reading of the numbers, derived from them."""
+    clear = [r.trait for r in results if r.preference_shift[2] > 0.02 and r.preference_shift[0] < -0.02]
+    weak = [r.trait for r in results if r.trait not in clear]
+    lines = [
+        "## Reading the numbers",
+        "",
+        "- The projection rises with s for every trait largely by construction: the added s·v is carried by the "
+        "residual stream to the probe layer. It shows the vector survives two more layers, not that behaviour changed.",
+        "- The likelihood shift is the behavioural measure. Traits where +s makes the trait-expressing references more "
+        "likely than the trait-free ones and −s does the opposite (by > 0.02 nats/token): "
+        + (", ".join(clear) or "none")
+        + ".",
+        "- Little or inconsistent effect on this 135M model: "
+        + (", ".join(weak) or "none")
+        + ". SmolLM2-135M follows system prompts weakly, so its positive and negative answers differ less than a "
+        "larger model's would, and the vectors carry part style/topic rather than the trait alone.",
+        "",
+    ]
+    return lines
+
+
 def write_report(docs: Path, results: list[TraitEval], axis: dict | None, setup: dict, notes: list[str] = ()) -> Path:
     """Write the report and its plots under `docs`; returns the report's path."""
     docs = Path(docs)
@@ -96,7 +118,7 @@ def write_report(docs: Path, results: list[TraitEval], axis: dict | None, setup:
             "",
         ]
     lines += [f"![{name}]({name})" for name in plots] + [""]
-    lines += list(notes) + ([""] if notes else [])
+    lines += _notes(results) + list(notes) + ([""] if notes else [])
     lines += _samples(results)
     lines.append(f"_Evaluation took {setup['seconds']:.0f} s on this machine._")
     path = docs / REPORT
