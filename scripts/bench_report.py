@@ -40,7 +40,7 @@ def rows(n: dict) -> list[tuple[str, str, float | None, str]]:
         (
             "W4 monitoring on ÷ off",
             "throughput ratio",
-            n["w4_monitoring_on"]["tokens_per_s"] / steered,
+            n["w4_monitoring_on"]["tokens_per_s"] / n["w4_monitoring_off"]["tokens_per_s"],
             "≥ 0.95 (H100, 7B)",
         ),
     ]

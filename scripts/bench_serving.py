@@ -13,7 +13,7 @@ tokens); clients stream POST /v1/steer/completion-chat. Workloads:
      a one-request-at-a-time engine (max_batch_size=1, the seeds' design): aggregate tokens/s,
      p50/p99 time to first token and inter-token latency;
   W3 a STEERED+DEFAULT request vs a DEFAULT-only one: wall-time ratio (median of repeats);
-  W4 assistant-axis monitoring on vs off over the W2 steered workload: throughput ratio.
+  W4 assistant-axis monitoring on vs off (the W2 steered workload, run back to back): throughput ratio.
 """
 
 from __future__ import annotations
@@ -244,6 +244,7 @@ def run_workloads(bench: Bench, runtime: Runtime, axis: AssistantAxis) -> None:
     timed("W2 steered", bench.w2, "w2_steered", True)
     timed("W2 unsteered", bench.w2, "w2_unsteered", False)
     timed("W3", bench.w3)
+    timed("W4 monitoring off", bench.w2, "w4_monitoring_off", True)  # W2 steered again, right before "on"
     runtime.axis = axis
     timed("W4 monitoring on", bench.w2, "w4_monitoring_on", True)
     sequential = start_engine(bench.loaded, 1)
