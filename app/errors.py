@@ -19,8 +19,10 @@ from infrastructure.errors import (
     PersonaError,
     QueueFullError,
     RequestTimeoutError,
+    UnknownModelError,
     UnknownTraitError,
     UnknownVectorError,
+    VectorExistsError,
 )
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,8 @@ log = logging.getLogger(__name__)
 STATUS: list[tuple[type[PersonaError], int]] = [
     (UnknownTraitError, 404),
     (UnknownVectorError, 404),
+    (UnknownModelError, 404),
+    (VectorExistsError, 409),
     (QueueFullError, 503),
     (EngineUnavailableError, 503),
     (RequestTimeoutError, 504),
@@ -43,6 +47,7 @@ HTTP_TYPES = {
     401: "unauthorized",
     404: "not_found",
     405: "method_not_allowed",
+    409: "conflict",
     413: "payload_too_large",
     429: "rate_limited",
 }

@@ -26,6 +26,18 @@ class UnknownVectorError(PersonaError):
     type = "unknown_vector"
 
 
+class UnknownModelError(PersonaError):
+    """A request named a model this server does not serve (OpenAI's `model_not_found`)."""
+
+    type = "model_not_found"
+
+
+class VectorExistsError(PersonaError):
+    """A vector or trait of that name is already registered (send `overwrite: true` to replace it)."""
+
+    type = "vector_exists"
+
+
 class InvalidHookError(PersonaError):
     """A hook name that is not `blocks.L.hook_resid_post` / `blocks.L.hook_resid_pre` or a layer number."""
 

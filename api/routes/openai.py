@@ -1,0 +1,54 @@
+"""POST /v1/chat/completions and GET /v1/models: OpenAI-compatible, with a `steering` extension."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import StreamingResponse
+
+from api.deps import RuntimeDep
+from api.schemas.common import ERROR_RESPONSES
+from api.schemas.openai import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, unsupported_field
+from api.services.openai_chat import complete, list_models, model_card, start
+from api.services.openai_stream import sse
+from infrastructure.errors import InvalidRequestError
+
+router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+async def refuse_unsupported(request: Request) -> None:
+    """OpenAI fields this server does not implement are a 400 naming the field, never ignored."""
+    try:
+        body = await request.json()
+    except ValueError:
+        return  # malformed JSON is reported by body validation
+    name = unsupported_field(body)
+    if name is not None:
+        raise InvalidRequestError(f"{name!r} is not supported by this server", name)
+
+
+@router.post(
+    "/chat/completions",
+    response_model=ChatCompletion,
+    response_model_exclude_none=True,
+    summary="Chat completion (OpenAI-compatible; stream with SSE)",
+    dependencies=[Depends(refuse_unsupported)],
+    responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or chunks if stream"}},
+)
+async def chat_completions(body: ChatCompletionRequest, runtime: RuntimeDep):
+    """`steering` and `persona_monitoring` are extensions (pass them with the client's `extra_body`)."""
+    if not body.stream:
+        return await complete(runtime, body)
+    chat, events = start(runtime, body)
+    return StreamingResponse(sse(chat, events), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+@router.get("/models", response_model=ModelList, summary="The served model")
+async def models(runtime: RuntimeDep) -> ModelList:
+    return list_models(runtime)
+
+
+@router.get("/models/{model:path}", response_model=ModelCard, summary="One model (404 model_not_found if not served)")
+async def model(model: str, runtime: RuntimeDep) -> ModelCard:
+    return model_card(runtime, model)

@@ -1,0 +1,97 @@
+"""POST/GET/DELETE /api/v1/vectors: the vector registry (JSON floats or a control-vector file upload)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Request
+from fastapi.exceptions import RequestValidationError
+from pydantic import ValidationError
+from starlette.datastructures import UploadFile
+
+from api.deps import RuntimeDep
+from api.schemas.common import ERROR_RESPONSES
+from api.schemas.vectors import (
+    JSON_EXAMPLE,
+    RegistryOptions,
+    VectorCreateRequest,
+    VectorDeleted,
+    VectorDetail,
+    VectorList,
+)
+from api.services.vectors import create_from_file, create_from_json, delete_vector, list_vectors, vector_detail
+from infrastructure.errors import InvalidRequestError
+
+router = APIRouter(prefix="/api/v1", tags=["Vector registry"], responses=ERROR_RESPONSES)
+
+_UPLOAD_SCHEMA = {
+    "type": "object",
+    "required": ["name", "file"],
+    "properties": {
+        "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
+        "file": {"type": "string", "format": "binary", "description": "GGUF (llama.cpp, repeng) or safetensors"},
+        "description": {"type": "string"},
+        "default_layer": {"type": "integer"},
+        "persist": {"type": "boolean"},
+        "overwrite": {"type": "boolean"},
+    },
+}
+_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": VectorCreateRequest.model_json_schema(), "example": JSON_EXAMPLE},
+            "multipart/form-data": {"schema": _UPLOAD_SCHEMA},
+        },
+    }
+}
+
+
+def _validated(model: type[RegistryOptions], data: object) -> RegistryOptions:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from exc
+
+
+@router.post(
+    "/vectors",
+    response_model=VectorDetail,
+    status_code=201,
+    summary="Register a steering vector (JSON floats, or a GGUF / safetensors control-vector upload)",
+    openapi_extra=_BODY,
+)
+async def create(request: Request, runtime: RuntimeDep) -> VectorDetail:
+    """JSON floats, or a multipart upload of a control-vector file, depending on the Content-Type."""
+    content_type = request.headers.get("content-type", "")
+    if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        form = await request.form()
+        fields = {k: v for k, v in form.multi_items() if k != "file"}
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequestError("attach the control-vector file as the form field 'file'", "file")
+        opts = _validated(RegistryOptions, fields)
+        return create_from_file(runtime, opts, await upload.read(), upload.filename)
+    try:
+        payload = await request.json()
+    except ValueError as exc:
+        raise InvalidRequestError(f"malformed JSON: {exc}") from exc
+    return create_from_json(runtime, _validated(VectorCreateRequest, payload))
+
+
+@router.get("/vectors", response_model=VectorList, summary="List the registered vectors")
+async def vectors(runtime: RuntimeDep) -> VectorList:
+    return list_vectors(runtime)
+
+
+@router.get("/vectors/{name}", response_model=VectorDetail, summary="One registered vector or shipped trait")
+async def vector(
+    name: str,
+    runtime: RuntimeDep,
+    values: bool = Query(False, description="Include the floats."),
+    layer: int | None = Query(None, ge=0, description="With values: only this layer."),
+) -> VectorDetail:
+    return vector_detail(runtime, name, values, layer)
+
+
+@router.delete("/vectors/{name}", response_model=VectorDeleted, summary="Remove a registered vector")
+async def delete(name: str, runtime: RuntimeDep) -> VectorDeleted:
+    return delete_vector(runtime, name)

@@ -1,0 +1,184 @@
+"""OpenAI-compatible chat completions: the request fields served, the `steering` extension, and the
+chat.completion / chat.completion.chunk / model-list objects."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, model_validator
+
+from api.schemas.common import StrictModel, Usage
+
+# OpenAI fields this server does not implement: refused with a 400 naming the field, never ignored.
+UNSUPPORTED_FIELDS = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "function_call",
+    "parallel_tool_calls",
+    "logit_bias",
+    "top_logprobs",
+    "audio",
+    "modalities",
+    "prediction",
+    "reasoning_effort",
+    "web_search_options",
+    "service_tier",
+    "store",
+    "metadata",
+    "verbosity",
+)
+
+EXAMPLE = {
+    "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+    "messages": [{"role": "user", "content": "Tell me about your day."}],
+    "max_tokens": 40,
+    "temperature": 0,
+    "steering": {"vectors": [{"trait": "helpfulness", "scale": 4.0}], "method": "add"},
+    "persona_monitoring": True,
+}
+
+
+class TextPart(StrictModel):
+    type: Literal["text"]
+    text: str = Field(max_length=1_000_000)
+
+
+class ChatMessageIn(StrictModel):
+    role: Literal["system", "developer", "user", "assistant"] = Field(description="`developer` is read as `system`.")
+    content: str | list[TextPart] = Field(description="A string, or OpenAI content parts of type `text`.")
+    name: str | None = Field(default=None, max_length=64, description="Accepted and ignored.")
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+    def as_dict(self) -> dict:
+        return {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+
+
+class SteeringVectorIn(StrictModel):
+    """One vector: a trait / registered vector by name, or raw floats; at a layer or a hook."""
+
+    trait: str | None = Field(default=None, min_length=1, max_length=200)
+    vector: list[float] | None = Field(default=None, min_length=1, max_length=65536)
+    scale: float = Field(ge=-1e6, le=1e6, description="Coefficient c (add) or cap tau (cap).")
+    layer: int | None = Field(default=None, ge=0, description="Decoder layer L (= blocks.L.hook_resid_post).")
+    hook: str | None = Field(default=None, max_length=100, examples=["blocks.15.hook_resid_post"])
+
+    @model_validator(mode="after")
+    def _one_each(self) -> SteeringVectorIn:
+        if (self.trait is None) == (self.vector is None):
+            raise ValueError("give exactly one of trait or vector")
+        if self.layer is not None and self.hook is not None:
+            raise ValueError("give layer or hook, not both")
+        return self
+
+
+class SteeringIn(StrictModel):
+    vectors: list[SteeringVectorIn] = Field(default_factory=list, max_length=256)
+    method: Literal["add", "cap"] = "add"
+    normalize: bool = Field(default=False, description="Scale each vector to unit norm first (add).")
+
+
+class StreamOptions(StrictModel):
+    include_usage: bool = False
+
+
+class ResponseFormat(StrictModel):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(StrictModel):
+    model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [EXAMPLE]}}
+
+    model: str | None = Field(default=None, max_length=300, description="The served model id (GET /v1/models).")
+    messages: list[ChatMessageIn] = Field(min_length=1, max_length=1000)
+    n: int = Field(default=1, ge=1, le=64, description="Choices, generated as rows of one batch.")
+    stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings.")
+    seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Choice i samples with seed + i.")
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy (default TEMPERATURE).")
+    top_p: float | None = Field(default=None, gt=0.0, le=1.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1, description="Wins over max_tokens.")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    logprobs: bool | None = Field(default=None, description="Only false (log-probabilities are not returned).")
+    response_format: ResponseFormat | None = Field(default=None, description='Only {"type": "text"}.')
+    user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
+    steering: SteeringIn | None = Field(default=None, description="Extension: steer with traits or raw vectors.")
+    persona_monitoring: bool = Field(default=False, description="Extension: add `assistant_axis` to the answer.")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        return tuple(s for s in stops if s)
+
+    @model_validator(mode="after")
+    def _stops(self) -> ChatCompletionRequest:
+        if isinstance(self.stop, list) and len(self.stop) > 4:
+            raise ValueError("stop: at most 4 strings")
+        return self
+
+
+class AxisTurn(BaseModel):
+    pc_values: dict[str, float | None]
+    snippet: str
+
+
+class AssistantAxisEntry(BaseModel):
+    type: str  # "completion"
+    index: int  # the choice
+    pc_titles: list[str]
+    turns: list[AxisTurn]
+
+
+class MessageOut(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class Choice(BaseModel):
+    index: int
+    message: MessageOut
+    finish_reason: str
+    logprobs: None = None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[Choice]
+    usage: Usage
+    system_fingerprint: str | None = None
+    assistant_axis: list[AssistantAxisEntry] | None = None
+    assistant_axis_unavailable: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "persona-serving"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+def unsupported_field(body: Any) -> str | None:
+    """The first OpenAI field in a raw body that this server refuses (None: none)."""
+    if not isinstance(body, dict):
+        return None
+    for name in UNSUPPORTED_FIELDS:
+        if name in body and body[name] is not None:
+            return name
+    if body.get("logprobs") is True:
+        return "logprobs"
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        return "response_format"
+    return None

@@ -1,0 +1,88 @@
+"""chat.completion.chunk SSE frames from a job's events.
+
+Content deltas hold back the last (longest stop string - 1) characters of each choice until the
+row ends, so a stop string is never partly streamed (streamed text == non-streamed text). The
+final chunk carries `assistant_axis` when asked: the usage chunk with `include_usage`, else the
+chunk that finishes the last choice."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+
+from api.services.openai_chat import PreparedChat, axis_fields, usage_of
+from infrastructure.engine.job import Event, JobFailed, RowFinished, RowToken
+from infrastructure.errors import PersonaError
+
+log = logging.getLogger(__name__)
+
+
+def chunk(chat: PreparedChat, choices: list[dict], **extra: object) -> dict:
+    return {
+        "id": chat.id,
+        "object": "chat.completion.chunk",
+        "created": chat.created,
+        "model": chat.model,
+        "choices": choices,
+        **extra,
+    }
+
+
+def _delta(index: int, content: str) -> dict:
+    return {"index": index, "delta": {"content": content}, "finish_reason": None}
+
+
+async def chunks(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIterator[dict]:
+    """Role chunk, content chunks, one finish chunk per choice, then the usage chunk if asked."""
+    n = len(chat.rows)
+    holdback = max((len(s) for s in chat.rows[0].sampling.stop), default=1) - 1
+    sent = [0] * n
+    done: dict[int, RowFinished] = {}
+    yield chunk(
+        chat, [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]
+    )
+    async for event in events:
+        if isinstance(event, JobFailed):
+            raise event.error
+        if isinstance(event, RowToken):
+            safe = len(event.text) - holdback
+            if safe > sent[event.row]:
+                yield chunk(chat, [_delta(event.row, event.text[sent[event.row] : safe])])
+                sent[event.row] = safe
+        elif isinstance(event, RowFinished):
+            done[event.row] = event
+            if len(event.text) > sent[event.row]:
+                yield chunk(chat, [_delta(event.row, event.text[sent[event.row] :])])
+            last = chunk(chat, [{"index": event.row, "delta": {}, "finish_reason": event.finish_reason}])
+            if chat.monitor and len(done) == n and not chat.include_usage:
+                last.update(axis_fields(chat, done))
+            yield last
+    if chat.include_usage:
+        extra = axis_fields(chat, done) if chat.monitor else {}
+        yield chunk(chat, [], usage=usage_of(chat, list(done.values())).model_dump(), **extra)
+
+
+def _error(exc: Exception) -> dict:
+    if isinstance(exc, PersonaError):
+        body = {"type": exc.type, "message": exc.message}
+        if exc.param:
+            body["param"] = exc.param
+        return {"error": body}
+    log.error("chat completion stream failed", exc_info=exc)
+    return {"error": {"type": "internal_error", "message": "internal server error"}}
+
+
+async def sse(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+    """`data: {chunk}` frames, then `data: [DONE]`; a failure after the start is one error frame.
+    Leaving early (client gone) closes the event stream, which cancels the job's rows."""
+    stream = chunks(chat, events)
+    try:
+        async for item in stream:
+            yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+    except Exception as exc:
+        yield f"data: {json.dumps(_error(exc), ensure_ascii=False)}\n\n"
+    finally:
+        await stream.aclose()
+        await events.aclose()
+    yield "data: [DONE]\n\n"

@@ -1,0 +1,194 @@
+"""The vector registry: vectors registered at run time become traits, usable by name everywhere.
+
+A registered vector is a `Trait` in `runtime.traits` (so `trait: name` works in every steering
+route), tagged `origin: registry` in its metadata. With `persist`, it is also written in seed 002's
+trait-file format to `VECTORS_DIR/registry/{name}.json`, which start-up loads again."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from api.schemas.vectors import (
+    RegistryOptions,
+    VectorCreateRequest,
+    VectorDeleted,
+    VectorDetail,
+    VectorList,
+    VectorSummary,
+)
+from api.services.generate import model_shape
+from app.runtime import Runtime
+from infrastructure.errors import (
+    HookOutOfRangeError,
+    InvalidHookError,
+    InvalidRequestError,
+    UnknownVectorError,
+    VectorExistsError,
+)
+from infrastructure.steering.sites import EMBEDDINGS_SITE, check_vector, parse_hook
+from infrastructure.storage.control_vectors import LAYER_CONVENTION, read_control_vector
+from infrastructure.storage.traits import Trait
+
+REGISTRY = "registry"
+
+
+def registry_dir(runtime: Runtime) -> Path:
+    return Path(runtime.settings.vectors_dir) / REGISTRY
+
+
+def is_registered(trait: Trait) -> bool:
+    return trait.metadata.get("origin") == REGISTRY
+
+
+def _persisted(trait: Trait) -> bool:
+    return Path(trait.source).is_file()
+
+
+def _summary(trait: Trait) -> dict:
+    registered = is_registered(trait)
+    return {
+        "name": trait.name,
+        "description": trait.description,
+        "layers": trait.layers,
+        "default_layer": trait.default_layer,
+        "model": trait.model_name,
+        "origin": REGISTRY if registered else "shipped",
+        "format": trait.metadata.get("format") if registered else None,
+        "persisted": _persisted(trait),
+        "file": str(trait.source) if _persisted(trait) else None,
+    }
+
+
+def _check_name(runtime: Runtime, opts: RegistryOptions) -> Trait | None:
+    """The trait this registration replaces (None if the name is free); refuses what it must not replace."""
+    existing = runtime.traits.traits.get(opts.name)
+    if existing is None:
+        return None
+    kind = "registered vector" if is_registered(existing) else "shipped trait"
+    if not opts.overwrite:
+        raise VectorExistsError(f"a {kind} named {opts.name!r} exists; send overwrite: true to replace it", "name")
+    if opts.persist and not is_registered(existing):
+        raise InvalidRequestError(
+            f"a persisted vector cannot shadow the shipped trait file {existing.source}; "
+            "pick another name or send persist: false",
+            "persist",
+        )
+    return existing
+
+
+def _check_vectors(runtime: Runtime, vectors: dict[int, torch.Tensor], params: dict[int, tuple[str, str]]) -> None:
+    """Every layer in range, every vector of the model's hidden size and finite; errors name the field."""
+    shape = model_shape(runtime)
+    for layer, vector in vectors.items():
+        layer_param, values_param = params[layer]
+        if not 0 <= layer < shape.n_layers:
+            raise HookOutOfRangeError(
+                f"layer {layer} is out of range: the model has layers 0..{shape.n_layers - 1}", layer_param
+            )
+        check_vector(vector, shape.hidden_size, values_param)
+
+
+def _write(path: Path, trait: Trait) -> None:
+    """Seed 002's trait-file format, written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {
+        "trait_name": trait.name,
+        "model_name": trait.model_name,
+        "vectors": {str(layer): v.tolist() for layer, v in sorted(trait.vectors.items())},
+        "metadata": trait.metadata,
+    }
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data))
+    os.replace(tmp, path)
+
+
+def _register(runtime: Runtime, opts: RegistryOptions, vectors: dict[int, torch.Tensor], meta: dict) -> VectorDetail:
+    replaced = _check_name(runtime, opts)
+    if opts.default_layer is not None and opts.default_layer not in vectors:
+        raise HookOutOfRangeError(f"default_layer {opts.default_layer} is not among {sorted(vectors)}", "default_layer")
+    metadata = {
+        "origin": REGISTRY,
+        "description": opts.description,
+        "layer_convention": LAYER_CONVENTION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **meta,
+    }
+    if opts.default_layer is not None:
+        metadata["recommended_layer"] = opts.default_layer
+    path = registry_dir(runtime) / f"{opts.name}.json"
+    source = path if opts.persist else Path(f"<registry:{opts.name}>")
+    trait = Trait(opts.name, runtime.loaded.model_id, vectors, metadata, source, description=opts.description)
+    if opts.persist:
+        _write(path, trait)
+    elif replaced is not None and is_registered(replaced) and _persisted(replaced):
+        Path(replaced.source).unlink()  # the new in-memory vector must not be undone by a restart
+    runtime.traits.add(trait)
+    return vector_detail(runtime, opts.name)
+
+
+def create_from_json(runtime: Runtime, body: VectorCreateRequest) -> VectorDetail:
+    runtime.require_engine()
+    if body.vector is not None:
+        if body.hook is not None:
+            layer = parse_hook(body.hook, model_shape(runtime).n_layers, "hook")
+            if layer == EMBEDDINGS_SITE:
+                raise InvalidHookError("the embeddings (blocks.0.hook_resid_pre) cannot be registered", "hook")
+        else:
+            layer = body.layer
+        vectors = {layer: torch.tensor(body.vector, dtype=torch.float32)}
+        params = {layer: ("hook" if body.hook is not None else "layer", "vector")}
+    else:
+        vectors = {layer: torch.tensor(v, dtype=torch.float32) for layer, v in body.vectors.items()}
+        params = {layer: (f"vectors.{layer}", f"vectors.{layer}") for layer in vectors}
+    _check_vectors(runtime, vectors, params)
+    return _register(runtime, body, vectors, {"format": "json"})
+
+
+def create_from_file(runtime: Runtime, opts: RegistryOptions, data: bytes, filename: str | None) -> VectorDetail:
+    """Register a repeng / llama.cpp control vector (GGUF or safetensors), all its layers."""
+    runtime.require_engine()
+    parsed = read_control_vector(data, "file")
+    _check_vectors(runtime, parsed.vectors, {layer: ("file", "file") for layer in parsed.vectors})
+    meta = {"format": parsed.format, "filename": filename, "file_metadata": parsed.metadata}
+    return _register(runtime, opts, parsed.vectors, meta)
+
+
+def list_vectors(runtime: Runtime) -> VectorList:
+    runtime.require_engine()
+    traits = sorted(runtime.traits.traits.values(), key=lambda t: t.name)
+    return VectorList(vectors=[VectorSummary(**_summary(t)) for t in traits if is_registered(t)])
+
+
+def vector_detail(runtime: Runtime, name: str, values: bool = False, layer: int | None = None) -> VectorDetail:
+    """A registered vector or shipped trait; its floats with `values` (only `layer` when given)."""
+    runtime.require_engine()
+    trait = runtime.traits.get(name, "name")
+    floats = None
+    if values:
+        if layer is not None and layer not in trait.vectors:
+            raise HookOutOfRangeError(f"{name!r} has no vector for layer {layer}; it has {trait.layers}", "layer")
+        chosen = [layer] if layer is not None else trait.layers
+        floats = {k: trait.vectors[k].tolist() for k in chosen}
+    return VectorDetail(**_summary(trait), norms=trait.norms(), metadata=trait.metadata, values=floats)
+
+
+def delete_vector(runtime: Runtime, name: str) -> VectorDeleted:
+    runtime.require_engine()
+    trait = runtime.traits.traits.get(name)
+    if trait is None:
+        raise UnknownVectorError(f"no registered vector named {name!r}", "name")
+    if not is_registered(trait):
+        raise InvalidRequestError(
+            f"{name!r} is a shipped trait ({trait.source}); only registered vectors can be deleted"
+        )
+    removed = False
+    if _persisted(trait) and Path(trait.source).parent.resolve() == registry_dir(runtime).resolve():
+        Path(trait.source).unlink()
+        removed = True
+    del runtime.traits.traits[name]
+    return VectorDeleted(name=name, deleted=True, file_removed=removed)
