@@ -89,7 +89,10 @@ def steering_of(runtime: Runtime, steering: SteeringIn | None) -> SteeringSpec |
         )
         for i, v in enumerate(steering.vectors)
     ]
-    return resolve_steering(refs, runtime.traits, model_shape(runtime), max_vectors=runtime.settings.max_vectors)
+    s = runtime.settings
+    return resolve_steering(
+        refs, runtime.traits, model_shape(runtime), max_vectors=s.max_vectors, max_layers=s.max_layers
+    )
 
 
 def sampling_of(runtime: Runtime, body: ChatCompletionRequest, choice: int) -> SamplingParams:

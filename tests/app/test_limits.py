@@ -142,3 +142,26 @@ async def test_cors_preflight_and_origin_echo(make_app):
     assert denied.status_code == 400 and "access-control-allow-origin" not in denied.headers
     assert_error_shape(unauth, 401)  # CORS wraps auth, so browsers can read the 401
     assert unauth.headers["access-control-allow-origin"] == "https://allowed.example"
+
+
+async def test_distinct_layers_limit_over_http(make_app, engine):
+    steps = engine.stats["steps"]
+    vector = [0.01] * 576
+    body = {
+        "prompt": [{"role": "user", "content": "Hi"}],
+        "types": ["STEERED"],
+        "n_completion_tokens": 2,
+        "vectors": [
+            {"hook": f"blocks.{k}.hook_resid_post", "strength": 1.0, "steering_vector": vector} for k in (2, 5)
+        ],
+    }
+    chat = {"model": "HuggingFaceTB/SmolLM2-135M-Instruct", "messages": body["prompt"], "max_tokens": 2}
+    chat["steering"] = {"vectors": [{"vector": vector, "scale": 1.0, "layer": k} for k in (2, 5)]}
+    async with client_for(make_app(max_layers=1)) as c:
+        steer = await c.post("/v1/steer/completion-chat", json=body)
+        openai = await c.post("/v1/chat/completions", json=chat)
+    for response in (steer, openai):
+        error = assert_error_shape(response, 400)
+        assert "MAX_LAYERS" in error["message"]
+    assert assert_error_shape(steer, 400)["param"] == "vectors"
+    assert engine.stats["steps"] == steps
