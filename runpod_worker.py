@@ -57,8 +57,8 @@ async def handler(job: dict) -> AsyncIterator[dict]:
         yield item
 
 
-async def aggregated(job: dict) -> list[dict]:
-    """The handler's frames as one list: what `return_aggregate_stream` makes of them on RunPod."""
+async def aggregated(job: dict) -> list[dict] | dict:
+    """The handler's frames as one list (what `return_aggregate_stream` makes of them on RunPod), or `{"error"}`."""
     frames = [item async for item in handler(job)]
     if frames and "error" in frames[-1]:
         return {"error": frames[-1]["error"]}
