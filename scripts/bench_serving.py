@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="W3 repetitions (median)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny CI-size run")
+    p.add_argument(
+        "--tokenizer", type=Path, default=None, help="tokenizer folder for random archs (default: the embedded model's)"
+    )
     p.add_argument("--json", type=Path, default=None, help="where to write every number (default test-artifacts/)")
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
@@ -104,7 +107,7 @@ def load(args: argparse.Namespace, settings: Settings) -> LoadedModel:
         return load_model(settings)
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded(settings.model_cache_dir))
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or ensure_embedded(settings.model_cache_dir))
     model, seconds = build_random_model(args.arch, args.layers, args.device, tokenizer)
     params = next(model.parameters())
     return LoadedModel(

@@ -218,7 +218,7 @@ class PersonaEngine:
                 [False] * (width - r.prompt_len) + r.steer_mask(list(r.request.prompt_ids), True, self.special_ids)
                 for r in rows
             ]
-            steering.set_mask(torch.tensor(mask, dtype=torch.bool))
+            steering.set_mask(self._mask_tensor(mask))
             cache = DynamicCache(config=self.model.config)
             logits = self._forward("prefill", steering, ids, attention, positions, cache)
             self._record(rows, steering, prefill=True)
@@ -240,7 +240,7 @@ class PersonaEngine:
         fed = [r.generated[-1] for r in rows]
         ids, attention, positions = self._batch.advance(self._batch.next_token)
         mask = [r.steer_mask([tok], False, self.special_ids) for r, tok in zip(rows, fed)]
-        self._steering.set_mask(torch.tensor(mask, dtype=torch.bool))
+        self._steering.set_mask(self._mask_tensor(mask))
         try:
             logits = self._forward("decode", self._steering, ids, attention, positions, self._batch.cache)
             self._record(rows, self._steering, prefill=False)
@@ -258,6 +258,11 @@ class PersonaEngine:
         self._batch.next_token = torch.tensor(tokens, device=self.loaded.device)
         self._accept(rows, tokens)
         self._retire()
+
+    def _mask_tensor(self, mask: list[list[bool]]) -> torch.Tensor:
+        """The step's position mask, copied to the device before the forward is queued: a host-to-device
+        copy from inside a hook would stall the CPU until the GPU caught up with the layers before it."""
+        return torch.tensor(mask, dtype=torch.bool, device=self.loaded.device)
 
     def _forward(self, phase: str, steering: BatchSteering, ids, attention, positions, cache) -> torch.Tensor:
         if self.fault is not None:

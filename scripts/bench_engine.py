@@ -1,0 +1,129 @@
+"""Engine-only decode benchmark (no HTTP): how fast the inference loop itself runs, steered and not.
+
+    python scripts/bench_engine.py                                   # embedded model on the CPU
+    python scripts/bench_engine.py --arch qwen2.5-7b --tokenizer DIR # random weights on the GPU
+
+For each batch size it submits that many rows at once (forced lengths, greedy), times the decode
+phase, and prints tokens/s for unsteered rows, rows with one distinct vector each, and rows with
+assistant-axis capture. `--profile` writes a torch profiler table of one steered batch-1 run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_archs import ARCHS, build_random_model  # noqa: E402
+
+from app.settings import Settings  # noqa: E402
+from infrastructure.embedded import ensure_embedded  # noqa: E402
+from infrastructure.engine.engine import PersonaEngine  # noqa: E402
+from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams  # noqa: E402
+from infrastructure.model_loader import LoadedModel, load_model  # noqa: E402
+from infrastructure.steering.spec import Capture, SteeringSpec, add_op  # noqa: E402
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arch", default="embedded", choices=["embedded", *ARCHS])
+    p.add_argument("--layers", type=int, default=None)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--tokenizer", type=Path, default=None)
+    p.add_argument("--rows", default=None, help="comma-separated batch sizes (GPU 1,8,64; CPU 1,8)")
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=None, help="GPU 128, CPU 32")
+    p.add_argument("--profile", type=Path, default=None, help="write a profiler table here")
+    args = p.parse_args(argv)
+    gpu = args.device == "cuda"
+    args.rows = [int(r) for r in (args.rows or ("1,8,64" if gpu else "1,8")).split(",")]
+    args.new_tokens = args.new_tokens or (128 if gpu else 32)
+    return args
+
+
+def load(args: argparse.Namespace) -> LoadedModel:
+    settings = Settings(_env_file=None, device=args.device)
+    if args.arch == "embedded":
+        return load_model(settings)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or ensure_embedded(settings.model_cache_dir))
+    model, seconds = build_random_model(args.arch, args.layers, args.device, tokenizer)
+    param = next(model.parameters())
+    return LoadedModel(
+        model,
+        tokenizer,
+        args.arch,
+        args.arch,
+        "random",
+        param.device,
+        [str(param.device)],
+        param.dtype,
+        "none",
+        seconds,
+    )
+
+
+def rows_for(loaded: LoadedModel, n: int, kind: str, args: argparse.Namespace) -> list[RowRequest]:
+    hidden, layer = loaded.hidden_size, loaded.n_layers // 2
+    gen = torch.Generator().manual_seed(0)
+    sampling = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
+    rows = []
+    for i in range(n):
+        ids = tuple(int(t) for t in torch.randint(100, 20000, (args.prompt_tokens,), generator=gen))
+        v = torch.randn(hidden, generator=gen)
+        steering = SteeringSpec((add_op(layer, v / v.norm(), 1.0),)) if kind == "steered" else None
+        captures = (Capture("axis", layer, v / v.norm()),) if kind == "capture" else ()
+        rows.append(RowRequest(ids, sampling, steering, captures))
+    return rows
+
+
+async def timed(engine: PersonaEngine, rows: list[RowRequest]) -> tuple[float, float]:
+    """(seconds to the first token of every row, seconds from there to the end)."""
+    start = time.perf_counter()
+    first_done = None
+    seen = set()
+    async for event in engine.submit(GenerationJob(rows)):
+        row = getattr(event, "row", None)
+        if row is not None and row not in seen:
+            seen.add(row)
+            if len(seen) == len(rows):
+                first_done = time.perf_counter()
+    end = time.perf_counter()
+    return (first_done or end) - start, end - (first_done or end)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    loaded = load(args)
+    engine = PersonaEngine(loaded, max_batch_size=max(args.rows), max_queue=64)
+    engine.start()
+    assert engine.wait_ready(600), engine.broken
+    print(f"{loaded.model_id} on {args.device}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
+    print("| rows | kind | prefill s | decode tokens/s | ms per step |\n|---:|---|---:|---:|---:|")
+    for n in args.rows:
+        for kind in ("plain", "steered", "capture"):
+            asyncio.run(timed(engine, rows_for(loaded, n, kind, args)))  # warm this shape
+            prefill, decode = asyncio.run(timed(engine, rows_for(loaded, n, kind, args)))
+            steps = args.new_tokens - 1
+            print(f"| {n} | {kind} | {prefill:.3f} | {n * steps / decode:,.1f} | {1000 * decode / steps:.1f} |")
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device == "cuda" else [])
+        with profile(activities=activities) as prof:
+            asyncio.run(timed(engine, rows_for(loaded, 1, "steered", args)))
+        args.profile.write_text(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
+    engine.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
