@@ -76,7 +76,7 @@ def rows_for(loaded: LoadedModel, n: int, kind: str, args: argparse.Namespace) -
     gen = torch.Generator().manual_seed(0)
     sampling = SamplingParams(max_new_tokens=args.new_tokens, ignore_eos=True)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         ids = tuple(int(t) for t in torch.randint(100, 20000, (args.prompt_tokens,), generator=gen))
         v = torch.randn(hidden, generator=gen)
         steering = SteeringSpec((add_op(layer, v / v.norm(), 1.0),)) if kind == "steered" else None
