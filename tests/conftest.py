@@ -14,9 +14,25 @@ def settings() -> Settings:
     return Settings(_env_file=None)
 
 
+_SESSION_MODELS: list = []
+
+
 @pytest.fixture(scope="session")
 def loaded_model(settings: Settings) -> LoadedModel:
-    return load_model(settings)
+    loaded = load_model(settings)
+    _SESSION_MODELS.append(loaded.model)
+    return loaded
+
+
+@pytest.fixture(autouse=True)
+def _no_hook_outlives_a_test(request):
+    """Hooks never leak: after every test the session model carries no hook of ours."""
+    from infrastructure.steering.hooks import our_hooks
+
+    yield
+    for model in _SESSION_MODELS:
+        left = our_hooks(model)
+        assert not left, f"{request.node.nodeid} left steering hooks on {left}"
 
 
 @pytest.fixture(scope="session")
