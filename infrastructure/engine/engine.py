@@ -1,9 +1,8 @@
 """PersonaEngine: one per process, one inference thread, iteration-level batching with per-row steering.
 
-Each turn of the inference loop admits waiting jobs (one batched prefill for all of them, merged
-into the running KV cache), drops cancelled rows, then runs one decode step for every running row.
-Steering hooks are registered for exactly one forward pass and removed in `finally`, so between
-steps, and whenever the engine is idle, the model carries no hook of ours.
+Each turn of the loop admits waiting jobs (one batched prefill, merged into the running KV cache), drops
+cancelled rows, then runs one decode step for every running row. Steering hooks live for exactly one
+forward pass (removed in `finally`): between steps and when idle the model carries no hook of ours.
 """
 
 from __future__ import annotations
@@ -27,7 +26,7 @@ from infrastructure.engine.job import (
     RowRequest,
     SamplingParams,
 )
-from infrastructure.engine.rows import Row, capture_slots, left_pad_batch
+from infrastructure.engine.rows import Row, eos_ids, left_pad_batch, record_captures, resident
 from infrastructure.engine.sampling import RowSampler, sample
 from infrastructure.errors import (
     EngineUnavailableError,
@@ -56,7 +55,7 @@ class PersonaEngine:
         self.max_queue = max_queue
         self.context_len = min(max_model_len, loaded.max_positions)
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
-        self.eos_ids = _eos_ids(loaded)
+        self.eos_ids = eos_ids(loaded.model, loaded.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
         self.fault: Callable[[str], None] | None = None  # fault injection: called before every forward
         self.ready = False
@@ -193,8 +192,13 @@ class PersonaEngine:
                 room -= len(job.rows)
             return jobs
 
+    @property
+    def _table_dtype(self) -> torch.dtype:
+        return self.loaded.dtype if self.loaded.dtype.is_floating_point else torch.float32
+
     def _new_row(self, job: GenerationJob, index: int, request: RowRequest) -> Row:
         vocab = int(self.model.config.vocab_size)
+        request = resident(request, self._device_of, self._table_dtype)
         return Row(
             job=job,
             index=index,
@@ -206,8 +210,8 @@ class PersonaEngine:
         )
 
     def _prefill(self, jobs: list[GenerationJob]) -> None:
-        rows = [self._new_row(job, i, req) for job in jobs for i, req in enumerate(job.rows)]
         try:
+            rows = [self._new_row(job, i, req) for job in jobs for i, req in enumerate(job.rows)]
             from transformers import DynamicCache
 
             ids, attention = left_pad_batch(rows, self.pad_id, self.loaded.device)
@@ -221,7 +225,7 @@ class PersonaEngine:
             steering.set_mask(self._mask_tensor(mask))
             cache = DynamicCache(config=self.model.config)
             logits = self._forward("prefill", steering, ids, attention, positions, cache)
-            self._record(rows, steering, prefill=True)
+            record_captures(rows, steering, prefill=True)
             tokens = sample(logits, [r.sampler for r in rows])
         except Exception as exc:
             self._fail_jobs(jobs, exc)
@@ -243,7 +247,7 @@ class PersonaEngine:
         self._steering.set_mask(self._mask_tensor(mask))
         try:
             logits = self._forward("decode", self._steering, ids, attention, positions, self._batch.cache)
-            self._record(rows, self._steering, prefill=False)
+            record_captures(rows, self._steering, prefill=False)
             tokens = sample(logits, [r.sampler for r in rows])
         except Exception as exc:
             self.stats["failed_batches"] += 1
@@ -284,7 +288,7 @@ class PersonaEngine:
             [r.request.captures for r in rows],
             self.loaded.hidden_size,
             self._device_of,
-            self.loaded.dtype if self.loaded.dtype.is_floating_point else torch.float32,
+            self._table_dtype,
         )
         return BatchSteering(tables=tables)
 
@@ -293,17 +297,6 @@ class PersonaEngine:
             module = site_module(self.model, site)
             self._site_devices[site] = next(module.parameters()).device
         return self._site_devices[site]
-
-    def _record(self, rows: list[Row], steering: BatchSteering, prefill: bool) -> None:
-        """Copy each row's captured projections (its real positions only) out of this forward."""
-        if not steering.captured:
-            return
-        captured = {key: value.cpu() for key, value in steering.captured.items()}
-        for b, row in enumerate(rows):
-            n = row.prompt_len if prefill else 1
-            row.record(
-                {name: captured[(site, slot)][b, -n:].tolist() for name, site, slot in capture_slots(row.request)}
-            )
 
     def _accept(self, rows: list[Row], tokens: list[int]) -> None:
         for row, token in zip(rows, tokens):
@@ -355,11 +348,3 @@ class PersonaEngine:
         self._batch.clear()
         for job in jobs:
             job.emit(JobFailed(error))
-
-
-def _eos_ids(loaded: LoadedModel) -> frozenset[int]:
-    ids = loaded.model.generation_config.eos_token_id
-    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
-    if loaded.tokenizer.eos_token_id is not None:
-        found.add(loaded.tokenizer.eos_token_id)
-    return frozenset(found)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.job import GenerationJob, RowFinished, RowRequest, RowToken
 from infrastructure.engine.sampling import RowSampler
+from infrastructure.steering.hooks import BatchSteering
 from infrastructure.steering.spec import Positions
 
 
@@ -22,6 +25,16 @@ def capture_slots(request: RowRequest) -> list[tuple[str, int, int]]:
         seen[cap.site] = slot + 1
         slots.append((cap.name, cap.site, slot))
     return slots
+
+
+def resident(request: RowRequest, device_of: Callable[[int], torch.device], dtype: torch.dtype) -> RowRequest:
+    """The request with its steering and capture vectors moved once to their sites' devices, so rebuilding
+    a batch's tables when rows join or leave needs no host-to-device copy."""
+    spec = request.steering
+    if spec is not None:
+        spec = replace(spec, ops=tuple(replace(op, vector=op.vector.to(device_of(op.site), dtype)) for op in spec.ops))
+    captures = tuple(replace(c, direction=c.direction.to(device_of(c.site), torch.float32)) for c in request.captures)
+    return replace(request, steering=spec, captures=captures)
 
 
 @dataclass
@@ -111,3 +124,22 @@ def left_pad_batch(rows: list[Row], pad_id: int, device: torch.device) -> tuple[
         ids[b, width - row.prompt_len :] = torch.tensor(row.request.prompt_ids)
         attention[b, width - row.prompt_len :] = 1
     return ids.to(device), attention.to(device)
+
+
+def record_captures(rows: list[Row], steering: BatchSteering, prefill: bool) -> None:
+    """Copy each row's captured projections (its real positions only) out of the last forward."""
+    if not steering.captured:
+        return
+    captured = {key: value.cpu() for key, value in steering.captured.items()}
+    for b, row in enumerate(rows):
+        n = row.prompt_len if prefill else 1
+        row.record({name: captured[(site, slot)][b, -n:].tolist() for name, site, slot in capture_slots(row.request)})
+
+
+def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:
+    """Every token id that ends a completion (generation config and tokenizer)."""
+    ids = model.generation_config.eos_token_id
+    found = set(ids if isinstance(ids, list) else [ids] if ids is not None else [])
+    if tokenizer.eos_token_id is not None:
+        found.add(tokenizer.eos_token_id)
+    return frozenset(found)
