@@ -7,6 +7,7 @@ job's `output` list (`return_aggregate_stream`). Locally, `python runpod_worker.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -33,6 +34,9 @@ def load_runtime() -> Runtime:
         if runtime.load_error:
             raise SystemExit(f"model load failed: {runtime.load_error}")
         RUNTIME = runtime
+        # stop the inference thread before the interpreter tears torch down (a live daemon thread
+        # there can abort the process at exit: "terminate called without an active exception")
+        atexit.register(runtime.shutdown, 5.0)
     return RUNTIME
 
 

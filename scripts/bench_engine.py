@@ -21,13 +21,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_archs import ARCHS, build_random_model  # noqa: E402
+from bench_archs import ARCHS  # noqa: E402
+from bench_serving import load  # noqa: E402
 
 from app.settings import Settings  # noqa: E402
-from infrastructure.embedded import ensure_embedded  # noqa: E402
 from infrastructure.engine.engine import PersonaEngine  # noqa: E402
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams  # noqa: E402
-from infrastructure.model_loader import LoadedModel, load_model  # noqa: E402
+from infrastructure.model_loader import LoadedModel  # noqa: E402
 from infrastructure.steering.spec import Capture, SteeringSpec, add_op  # noqa: E402
 
 
@@ -46,29 +46,6 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.rows = [int(r) for r in (args.rows or ("1,8,64" if gpu else "1,8")).split(",")]
     args.new_tokens = args.new_tokens or (128 if gpu else 32)
     return args
-
-
-def load(args: argparse.Namespace) -> LoadedModel:
-    settings = Settings(_env_file=None, device=args.device)
-    if args.arch == "embedded":
-        return load_model(settings)
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or ensure_embedded(settings.model_cache_dir))
-    model, seconds = build_random_model(args.arch, args.layers, args.device, tokenizer)
-    param = next(model.parameters())
-    return LoadedModel(
-        model,
-        tokenizer,
-        args.arch,
-        args.arch,
-        "random",
-        param.device,
-        [str(param.device)],
-        param.dtype,
-        "none",
-        seconds,
-    )
 
 
 def rows_for(loaded: LoadedModel, n: int, kind: str, args: argparse.Namespace) -> list[RowRequest]:
@@ -102,7 +79,7 @@ async def timed(engine: PersonaEngine, rows: list[RowRequest]) -> tuple[float, f
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    loaded = load(args)
+    loaded = load(args, Settings(_env_file=None, device=args.device))
     engine = PersonaEngine(loaded, max_batch_size=max(args.rows), max_queue=64)
     engine.start()
     assert engine.wait_ready(600), engine.broken

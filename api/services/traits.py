@@ -10,7 +10,8 @@ from infrastructure.steering.hooks import our_hooks
 from infrastructure.storage.traits import Trait
 
 
-def _summary(trait: Trait) -> dict:
+def trait_summary(trait: Trait) -> dict:
+    """The listing fields every trait (shipped or registered) shares."""
     return {
         "name": trait.name,
         "description": trait.description,
@@ -22,14 +23,14 @@ def _summary(trait: Trait) -> dict:
 
 def list_traits(runtime: Runtime) -> TraitsResponse:
     runtime.require_engine()
-    return TraitsResponse(traits=[TraitSummary(**_summary(t)) for _, t in sorted(runtime.traits.traits.items())])
+    return TraitsResponse(traits=[TraitSummary(**trait_summary(t)) for _, t in sorted(runtime.traits.traits.items())])
 
 
 def trait_detail(runtime: Runtime, name: str) -> TraitDetail:
     runtime.require_engine()
     trait = runtime.traits.get(name, "name")
     return TraitDetail(
-        **_summary(trait),
+        **trait_summary(trait),
         norms=trait.norms(),
         metadata=trait.metadata,
         vector_file=str(trait.source),

@@ -10,8 +10,10 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 from api.schemas.vectors import (
     RegistryOptions,
@@ -22,6 +24,7 @@ from api.schemas.vectors import (
     VectorSummary,
 )
 from api.services.generate import model_shape
+from api.services.traits import trait_summary
 from app.runtime import Runtime
 from infrastructure.errors import (
     HookOutOfRangeError,
@@ -31,7 +34,7 @@ from infrastructure.errors import (
     VectorExistsError,
 )
 from infrastructure.steering.sites import EMBEDDINGS_SITE, check_vector, parse_hook
-from infrastructure.storage.control_vectors import LAYER_CONVENTION, read_control_vector
+from infrastructure.storage.control_vectors import LAYER_CONVENTION, read_control_vector, vectors_from_floats
 from infrastructure.storage.traits import Trait
 
 REGISTRY = "registry"
@@ -51,12 +54,7 @@ def _persisted(trait: Trait) -> bool:
 
 def _summary(trait: Trait) -> dict:
     registered = is_registered(trait)
-    return {
-        "name": trait.name,
-        "description": trait.description,
-        "layers": trait.layers,
-        "default_layer": trait.default_layer,
-        "model": trait.model_name,
+    return trait_summary(trait) | {
         "origin": REGISTRY if registered else "shipped",
         "format": trait.metadata.get("format") if registered else None,
         "persisted": _persisted(trait),
@@ -140,10 +138,10 @@ def create_from_json(runtime: Runtime, body: VectorCreateRequest) -> VectorDetai
                 raise InvalidHookError("the embeddings (blocks.0.hook_resid_pre) cannot be registered", "hook")
         else:
             layer = body.layer
-        vectors = {layer: torch.tensor(body.vector, dtype=torch.float32)}
+        vectors = vectors_from_floats({layer: body.vector})
         params = {layer: ("hook" if body.hook is not None else "layer", "vector")}
     else:
-        vectors = {layer: torch.tensor(v, dtype=torch.float32) for layer, v in body.vectors.items()}
+        vectors = vectors_from_floats(dict(body.vectors))
         params = {layer: (f"vectors.{layer}", f"vectors.{layer}") for layer in vectors}
     _check_vectors(runtime, vectors, params)
     return _register(runtime, body, vectors, {"format": "json"})

@@ -127,3 +127,8 @@ def read_control_vector(data: bytes, param: str = "file") -> ControlVectorFile:
     if len(data) > 9 and data[8:9] == b"{":
         return read_safetensors(data, param)
     raise InvalidRequestError("not a GGUF or safetensors control-vector file", param)
+
+
+def vectors_from_floats(per_layer: dict[int, list[float]]) -> dict[int, torch.Tensor]:
+    """Per-layer float lists (a JSON registration) as float32 tensors."""
+    return {layer: torch.tensor(values, dtype=torch.float32) for layer, values in per_layer.items()}
