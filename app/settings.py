@@ -67,8 +67,9 @@ class Settings(BaseSettings):
 
     # --- hardening and observability ---
     rate_limit: str = Field(
-        default="", description='Per-client rate limit over every route but /health ("120/minute"; several: '
-        '"10/second;500/hour", the syntax of `limits`/slowapi). Empty: off.'
+        default="",
+        description='Per-client rate limit over every route but /health ("120/minute"; several: '
+        '"10/second;500/hour", the syntax of `limits`/slowapi). Empty: off.',
     )
     fault_injection: str = Field(
         default="",

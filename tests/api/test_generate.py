@@ -76,17 +76,31 @@ async def test_generate_scalar_zero_equals_baseline_with_same_seed(client, synth
 
 
 async def test_several_traits_at_once(client, synthetic_traits):
-    body = {"prompt": QUESTION, "temperature": 0, "max_tokens": 16,
-            "traits": [{"trait": "synthetic_1", "scalar": 1.5}, {"trait": "synthetic_2", "scalar": -1.5, "layer": 10}]}
+    body = {
+        "prompt": QUESTION,
+        "temperature": 0,
+        "max_tokens": 16,
+        "traits": [{"trait": "synthetic_1", "scalar": 1.5}, {"trait": "synthetic_2", "scalar": -1.5, "layer": 10}],
+    }
     r = (await client.post("/api/v1/generate", json=body)).json()
     assert r["trait"] is None
-    assert r["traits"] == [{"trait": "synthetic_1", "scalar": 1.5, "layer": 15},
-                           {"trait": "synthetic_2", "scalar": -1.5, "layer": 10}]
+    assert r["traits"] == [
+        {"trait": "synthetic_1", "scalar": 1.5, "layer": 15},
+        {"trait": "synthetic_2", "scalar": -1.5, "layer": 10},
+    ]
 
 
 async def test_eight_concurrent_requests_equal_each_alone(client, synthetic_traits):
-    bodies = [{"prompt": f"Tell me a fact about the number {i}.", "trait": f"synthetic_{i}", "scalar": 1.5,
-               "temperature": 0, "max_tokens": 20} for i in range(8)]
+    bodies = [
+        {
+            "prompt": f"Tell me a fact about the number {i}.",
+            "trait": f"synthetic_{i}",
+            "scalar": 1.5,
+            "temperature": 0,
+            "max_tokens": 20,
+        }
+        for i in range(8)
+    ]
     alone = [(await client.post("/api/v1/generate", json=b)).json()["text"] for b in bodies]
     together = await asyncio.gather(*(client.post("/api/v1/generate", json=b) for b in bodies))
     assert [r.json()["text"] for r in together] == alone
@@ -95,8 +109,13 @@ async def test_eight_concurrent_requests_equal_each_alone(client, synthetic_trai
 
 async def test_traits_listing_and_detail(client, synthetic_traits):
     listed = {t["name"]: t for t in (await client.get("/api/v1/traits")).json()["traits"]}
-    assert listed["synthetic_4"] == {"name": "synthetic_4", "description": "synthetic trait synthetic_4",
-                                     "layers": [10, 15, 20], "default_layer": 15, "model": MODEL}
+    assert listed["synthetic_4"] == {
+        "name": "synthetic_4",
+        "description": "synthetic trait synthetic_4",
+        "layers": [10, 15, 20],
+        "default_layer": 15,
+        "model": MODEL,
+    }
     detail = (await client.get("/api/v1/traits/synthetic_4")).json()
     assert detail["norms"] == {"10": 60.0, "15": 60.0, "20": 60.0}
     missing = await client.get("/api/v1/traits/nope")
@@ -127,8 +146,15 @@ async def test_bad_input_gets_4xx_in_the_error_shape(client, synthetic_traits, b
     assert error.get("param") == param
 
 
-@pytest.mark.parametrize("raw", ['{"prompt": "x", "trait": ', '{"prompt": "x", "trait": "synthetic_0", "scalar": NaN}',
-                                 '{"prompt": "x", "trait": "synthetic_0", "scalar": Infinity}', "[1, 2]"])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        '{"prompt": "x", "trait": ',
+        '{"prompt": "x", "trait": "synthetic_0", "scalar": NaN}',
+        '{"prompt": "x", "trait": "synthetic_0", "scalar": Infinity}',
+        "[1, 2]",
+    ],
+)
 async def test_malformed_and_non_finite_json(client, synthetic_traits, raw):
     r = await client.post("/api/v1/generate", content=raw, headers={"content-type": "application/json"})
     assert 400 <= r.status_code < 500
