@@ -40,6 +40,8 @@ class Runtime:
             return "error"
         if self.engine is None or not self.engine.ready:
             return "loading"
+        if getattr(self.engine, "stopping", False):
+            return "stopping"
         return "ok"
 
     def require_engine(self) -> PersonaEngine:
@@ -47,6 +49,8 @@ class Runtime:
             return self.engine
         if self.state == "loading":
             raise EngineUnavailableError("the model is still loading; retry shortly")
+        if self.state == "stopping":
+            raise EngineUnavailableError("the server is shutting down")
         raise EngineUnavailableError(f"the model failed: {self.load_error or self.engine.broken}")
 
     def attach(self, loaded: LoadedModel, engine: PersonaEngine) -> None:

@@ -67,7 +67,7 @@ class PersonaEngine:
         self._rows: list[Row] = []
         self._batch = BatchTensors()
         self._steering: BatchSteering | None = None
-        self._stopping = False
+        self.stopping = False
         self._abort = False
         self._site_devices: dict[int, torch.device] = {}
         self._thread = threading.Thread(target=self._run, name="persona-inference", daemon=True)
@@ -97,7 +97,7 @@ class PersonaEngine:
         """Queue a job (raising at once if it cannot be taken) and return its event stream."""
         if self.broken:
             raise EngineUnavailableError(f"the inference engine failed: {self.broken}")
-        if self._stopping or not self.ready:
+        if self.stopping or not self.ready:
             raise EngineUnavailableError("the model is not ready" if not self.ready else "the server is shutting down")
         if len(job.rows) > self.max_batch_size:
             raise InvalidRequestError(f"{len(job.rows)} rows exceed MAX_BATCH_SIZE={self.max_batch_size}", "n")
@@ -132,7 +132,7 @@ class PersonaEngine:
     def stop(self, timeout: float = 30.0) -> None:
         """Stop taking work, let running and queued jobs finish for `timeout` s, then fail the rest."""
         with self._cv:
-            self._stopping = True
+            self.stopping = True
             self._cv.notify_all()
         self._thread.join(timeout)
         if self._thread.is_alive():
@@ -175,7 +175,7 @@ class PersonaEngine:
         """Waiting jobs that fit in the batch; blocks while idle. None: stop the loop."""
         with self._cv:
             while not self._rows and not self._pending:
-                if self._stopping or self._abort:
+                if self.stopping or self._abort:
                     return None
                 self._cv.wait()
             if self._abort:

@@ -111,7 +111,9 @@ async def test_graceful_shutdown_drains_then_refuses(engine, loaded_model):
         small.submit(job(small, 2))
     async with client_for(create_app(runtime=runtime)) as c:
         refused = await c.post(BASELINE, json=GREEDY_PROBE)
+        health = await c.get("/health")
     assert "shutting down" in assert_error_shape(refused, 503, "engine_unavailable")["message"]
+    assert health.status_code == 503 and health.json() == {"status": "stopping"}
 
 
 async def test_shutdown_past_its_grace_period_ends_streams_with_an_error(engine, loaded_model):
