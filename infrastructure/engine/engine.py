@@ -241,10 +241,10 @@ class PersonaEngine:
         rows = self._rows
         if self._steering is None:
             self._steering = self._steering_for(rows)
-        fed = [r.generated[-1] for r in rows]
         ids, attention, positions = self._batch.advance(self._batch.next_token)
-        mask = [r.steer_mask([tok], False, self.special_ids) for r, tok in zip(rows, fed)]
-        self._steering.set_mask(self._mask_tensor(mask))
+        steers = self._steering.steers  # an unsteered batch needs no per-step position mask
+        mask = [r.steer_mask(r.generated[-1:], False, self.special_ids) for r in rows] if steers else None
+        self._steering.set_mask(self._mask_tensor(mask) if steers else None)
         try:
             logits = self._forward("decode", self._steering, ids, attention, positions, self._batch.cache)
             record_captures(rows, self._steering, prefill=False)

@@ -46,7 +46,12 @@ class BatchSteering:
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (site, slot) -> [B,T]
     _masks_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
-    def set_mask(self, mask: torch.Tensor) -> None:
+    @property
+    def steers(self) -> bool:
+        """Whether any site changes the residual stream (captures alone need no position mask)."""
+        return any(t.steers for t in self.tables.values())
+
+    def set_mask(self, mask: torch.Tensor | None) -> None:
         self.mask = mask
         self._masks_by_device = {}
         self.captured = {}
