@@ -82,6 +82,8 @@ class Runtime:
                 max_batch_size=self.settings.max_batch_size,
                 max_queue=self.settings.max_queue,
                 max_model_len=self.settings.max_model_len,
+                decode=self.settings.decode_mode,
+                static_len=self.settings.static_cache_len,
             )
             engine.start()
             if not engine.wait_ready():

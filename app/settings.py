@@ -58,6 +58,14 @@ class Settings(BaseSettings):
     # --- engine limits ---
     max_batch_size: int = Field(default=32, ge=1, description="Rows decoded together in one forward pass.")
     max_queue: int = Field(default=256, ge=1, description="Requests waiting beyond the running batch.")
+    decode_mode: Literal["auto", "dynamic", "static", "graphs"] = Field(
+        default="auto",
+        description="Decode step: dynamic KV cache, static slots, or static slots replayed as CUDA graphs; "
+        "auto = graphs on one unquantised GPU, else dynamic.",
+    )
+    static_cache_len: int = Field(
+        default=4096, ge=16, description="Columns of the static KV cache: the longest prompt + completion there."
+    )
     max_new_tokens_limit: int = Field(default=4096, ge=1)
     max_vectors: int = Field(default=16, ge=1, description="Steering vectors per request.")
     max_layers: int = Field(default=16, ge=1, description="Distinct steered layers (hook sites) per request.")

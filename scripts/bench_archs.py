@@ -82,13 +82,15 @@ def arch_config(name: str, layers: int | None = None):
     return cls(**values, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
-def build_random_model(name: str, layers: int | None, device: str, tokenizer: Any) -> tuple[torch.nn.Module, float]:
-    """Random-weight model of the arch on `device` (bf16 on CUDA, fp32 on CPU) and its build seconds."""
+def build_random_model(
+    name: str, layers: int | None, device: str, tokenizer: Any, dtype: torch.dtype | None = None
+) -> tuple[torch.nn.Module, float]:
+    """Random-weight model of the arch on `device` (default bf16 on CUDA, fp32 on CPU) and its build seconds."""
     from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
     config = arch_config(name, layers)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     torch.manual_seed(0)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

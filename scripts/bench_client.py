@@ -95,6 +95,11 @@ async def run_concurrent(base_url: str, bodies: list[dict]) -> tuple[list[Stream
     return list(results), max(r.ended for r in results) - started
 
 
+def run_concurrent_sync(base_url: str, bodies: list[dict]) -> tuple[list[StreamResult], float]:
+    """`run_concurrent` for a worker process: the clients then do not share the server's GIL."""
+    return asyncio.run(run_concurrent(base_url, bodies))
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)

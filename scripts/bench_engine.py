@@ -40,6 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", default=None, help="comma-separated batch sizes (GPU 1,8,64; CPU 1,8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=None, help="GPU 128, CPU 32")
+    p.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs"], help="DECODE_MODE")
     p.add_argument("--profile", type=Path, default=None, help="write a profiler table here")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
@@ -77,13 +78,39 @@ async def timed(engine: PersonaEngine, rows: list[RowRequest]) -> tuple[float, f
     return (first_done or end) - start, end - (first_done or end)
 
 
+def graph_timing(engine: PersonaEngine, repeats: int = 50) -> str:
+    """Per captured decode graph (largest length bucket): GPU time per replay (replays queued back to back)
+    and the CPU time one replay call takes to launch: the split between kernel time and launch overhead."""
+    lines = ["| graph (rows, columns, sites) | GPU ms per replay | CPU ms per launch |", "|---|---:|---:|"]
+    steps = engine._batch._steps
+    for (rows, span, layout), step in sorted(steps.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        if step.graph is None or span != max(s for _, s, _ in steps):
+            continue
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        launch = 0.0
+        start.record()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            step.graph.replay()
+            launch += time.perf_counter() - t0
+        end.record()
+        torch.cuda.synchronize()
+        lines.append(f"| {rows}, {span}, {len(layout)} | {start.elapsed_time(end) / repeats:.2f} | "
+                     f"{1000 * launch / repeats:.2f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     loaded = load(args, Settings(_env_file=None, device=args.device))
-    engine = PersonaEngine(loaded, max_batch_size=max(args.rows), max_queue=64)
+    engine = PersonaEngine(loaded, max_batch_size=max(args.rows), max_queue=64, decode=args.decode)
     engine.start()
     assert engine.wait_ready(600), engine.broken
-    print(f"{loaded.model_id} on {args.device}, {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens")
+    print(
+        f"{loaded.model_id} on {args.device} ({engine.decode_mode} decode), {args.prompt_tokens}-token prompts, "
+        f"{args.new_tokens} new tokens"
+    )
     print("| rows | kind | prefill s | decode tokens/s | ms per step |\n|---:|---|---:|---:|---:|")
     for n in args.rows:
         for kind in ("plain", "steered", "capture"):
@@ -91,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
             prefill, decode = asyncio.run(timed(engine, rows_for(loaded, n, kind, args)))
             steps = args.new_tokens - 1
             print(f"| {n} | {kind} | {prefill:.3f} | {n * steps / decode:,.1f} | {1000 * decode / steps:.1f} |")
+    if engine.decode_mode == "graphs":
+        print(graph_timing(engine))
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 

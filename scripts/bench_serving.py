@@ -19,13 +19,14 @@ tokens); clients stream POST /v1/steer/completion-chat. Workloads:
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
+import multiprocessing
 import platform
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_archs import ARCHS, build_random_model, copy_bandwidth, weight_bytes  # noqa: E402
-from bench_client import CHAT_ROUTE, ServerThread, latency_summary, run_concurrent  # noqa: E402
+from bench_client import CHAT_ROUTE, ServerThread, latency_summary, run_concurrent_sync  # noqa: E402
 from bench_report import render_table  # noqa: E402
 
 from app.runtime import Runtime  # noqa: E402
@@ -73,6 +74,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--seq-clients", type=int, default=None, help="clients of the one-at-a-time run (all on CPU, ≤ 16 on GPU)"
     )
+    p.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs"], help="DECODE_MODE")
     p.add_argument("--repeats", type=int, default=3, help="W3 repetitions (median)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny CI-size run")
@@ -108,7 +110,8 @@ def load(args: argparse.Namespace, settings: Settings) -> LoadedModel:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or ensure_embedded(settings.model_cache_dir))
-    model, seconds = build_random_model(args.arch, args.layers, args.device, tokenizer)
+    dtype = getattr(torch, args.dtype) if getattr(args, "dtype", None) else None
+    model, seconds = build_random_model(args.arch, args.layers, args.device, tokenizer, dtype)
     params = next(model.parameters())
     return LoadedModel(
         model=model,
@@ -124,8 +127,8 @@ def load(args: argparse.Namespace, settings: Settings) -> LoadedModel:
     )
 
 
-def start_engine(loaded: LoadedModel, max_batch_size: int) -> ForcedLengthEngine:
-    engine = ForcedLengthEngine(loaded, max_batch_size=max_batch_size, max_queue=4096)
+def start_engine(loaded: LoadedModel, max_batch_size: int, decode: str = "auto") -> ForcedLengthEngine:
+    engine = ForcedLengthEngine(loaded, max_batch_size=max_batch_size, max_queue=4096, decode=decode)
     engine.start()
     if not engine.wait_ready(600):
         raise RuntimeError(f"engine did not start: {engine.broken}")
@@ -159,6 +162,9 @@ class Bench:
         self.layer = loaded.n_layers // 2
         self.prompts = [prompt_for(loaded.tokenizer, i, args.prompt_tokens) for i in range(args.clients)]
         self.results: dict = {}
+        # the clients run in their own process, as real clients would: in this one they would take the GIL
+        # from the server and the inference thread and the benchmark would measure itself
+        self.clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
     def body(self, client: int, types: list[str], steered: bool) -> dict:
         vectors = []
@@ -180,7 +186,7 @@ class Bench:
         """Run bodies concurrently; aggregate tokens/s (tokens counted by the engine) and latencies."""
         engine = self.runtime.engine
         before = engine.stats["tokens"]
-        results, wall = asyncio.run(run_concurrent(self.url, bodies))
+        results, wall = self.clients.submit(run_concurrent_sync, self.url, bodies).result()
         tokens = engine.stats["tokens"] - before
         expected = sum(len(b["types"]) for b in bodies) * self.args.new_tokens
         out = {"requests": len(bodies), "tokens": tokens, "expected_tokens": expected, "wall_s": wall}
@@ -242,6 +248,12 @@ def timed(name: str, step, *args, _last=[time.perf_counter()]) -> None:  # noqa:
 
 def run_workloads(bench: Bench, runtime: Runtime, axis: AssistantAxis) -> None:
     """Every workload in a fixed order; monitoring is on only for W4, the batched engine serves all but one."""
+    if runtime.engine.decode_mode == "graphs":  # capture every batch/length shape once, outside the timings
+        for name, steered, monitored in (("steered", True, False), ("unsteered", False, False), ("axis", True, True)):
+            runtime.axis = axis if monitored else None
+            timed(f"warm-up ({name})", bench.w2, "warm_up", steered)
+        bench.results.pop("warm_up")
+        timed("warm-up (W1)", bench.w1)
     runtime.axis = None
     timed("W1", bench.w1)
     timed("W2 steered", bench.w2, "w2_steered", True)
@@ -250,7 +262,7 @@ def run_workloads(bench: Bench, runtime: Runtime, axis: AssistantAxis) -> None:
     timed("W4 monitoring off", bench.w2, "w4_monitoring_off", True)  # W2 steered again, right before "on"
     runtime.axis = axis
     timed("W4 monitoring on", bench.w2, "w4_monitoring_on", True)
-    sequential = start_engine(bench.loaded, 1)
+    sequential = start_engine(bench.loaded, 1, bench.args.decode)
     runtime.attach(bench.loaded, sequential)
     runtime.axis = None
     timed("W2 one at a time", bench.w2, "w2_one_at_a_time", True, bench.args.seq_clients)
@@ -263,7 +275,7 @@ def run_all(args: argparse.Namespace) -> dict:
     settings = Settings(device=args.device, log_format="text", log_level="WARNING")
     loaded = load(args, settings)
     runtime = Runtime(settings, owns_engine=False)
-    batched = start_engine(loaded, max(args.clients, 2))
+    batched = start_engine(loaded, max(args.clients, 2), args.decode)
     runtime.attach(loaded, batched)
     axis, axis_source = monitoring_axis(runtime, loaded)
     app = create_app(runtime=runtime)
@@ -273,6 +285,7 @@ def run_all(args: argparse.Namespace) -> dict:
     with ServerThread(app) as server:
         bench = Bench(args, runtime, loaded, server.url)
         run_workloads(bench, runtime, axis)
+        bench.clients.shutdown()
     batched.stop()
     prompt_mean = statistics.mean(n for _, n in bench.prompts)
     return environment(args, loaded, axis_source) | {"prompt_tokens_mean": prompt_mean} | bench.results
@@ -293,6 +306,7 @@ def environment(args: argparse.Namespace, loaded: LoadedModel, axis_source: str)
         "clients": args.clients,
         "seq_clients": args.seq_clients,
         "new_tokens": args.new_tokens,
+        "decode": args.decode,
         "axis_source": axis_source,
     }
 

@@ -7,6 +7,22 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from infrastructure.steering.hooks import BatchSteering, HookSet
+
+
+def run_forward(model, steering: BatchSteering, ids, attention, positions, cache) -> torch.Tensor:
+    """One forward with the batch's steering hooks registered for exactly its duration; float logits [B,V]."""
+    with HookSet(model, steering):
+        out = model(
+            input_ids=ids,
+            attention_mask=attention,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    return out.logits[:, -1, :].float()
+
 
 def _left_pad(x: torch.Tensor, width: int, dim: int) -> torch.Tensor:
     """Pad `x` with `width` zeros at the start of dimension `dim`."""
@@ -23,6 +39,7 @@ class BatchTensors:
         self.attention: torch.Tensor | None = None  # [B, T] long, 0 = padding
         self.next_position: torch.Tensor | None = None  # [B] long
         self.next_token: torch.Tensor | None = None  # [B] long
+        self._flight: tuple[torch.Tensor, dict] | None = None
 
     @property
     def size(self) -> int:
@@ -48,11 +65,11 @@ class BatchTensors:
         self.next_position = torch.cat([self.next_position, next_position])
         self.next_token = torch.cat([self.next_token, next_token])
 
-    def select(self, keep: list[int]) -> None:
+    def select(self, keep: list[int]) -> list[int]:
         """Keep only the rows at `keep` (in that order) and trim padding columns nobody uses."""
         if not keep:
             self.clear()
-            return
+            return []
         index = torch.tensor(keep, device=self.attention.device)
         self.attention = self.attention[index]
         self.next_position = self.next_position[index]
@@ -63,6 +80,22 @@ class BatchTensors:
         for layer in self.cache.layers:
             layer.keys = layer.keys[index.to(layer.keys.device), :, start:]
             layer.values = layer.values[index.to(layer.values.device), :, start:]
+        return keep
+
+    @property
+    def in_flight(self) -> bool:
+        return self._flight is not None
+
+    def launch(self, model, steering: BatchSteering) -> None:
+        """One decode step for every row (inputs: the rows' next tokens), queued eagerly; see `collect`."""
+        ids, attention, positions = self.advance(self.next_token)
+        logits = run_forward(model, steering, ids, attention, positions, self.cache)
+        self._flight = (logits, dict(steering.captured))
+
+    def collect(self) -> tuple[torch.Tensor, dict]:
+        """The launched step's float logits [B,V] and captures (rows do not change in between here)."""
+        out, self._flight = self._flight, None
+        return out
 
     def advance(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Inputs of the next decode step: tokens [B,1], attention [B,T+1], positions [B,1]."""

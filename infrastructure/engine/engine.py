@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
 import threading
 import time
 from collections import deque
@@ -16,7 +17,7 @@ from collections.abc import AsyncIterator, Callable
 
 import torch
 
-from infrastructure.engine.batch import BatchTensors
+from infrastructure.engine.batch import BatchTensors, run_forward
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.job import (
     Event,
@@ -26,34 +27,42 @@ from infrastructure.engine.job import (
     RowRequest,
     SamplingParams,
 )
+from infrastructure.engine.lifecycle import RowLifecycle
 from infrastructure.engine.rows import Row, eos_ids, left_pad_batch, record_captures, resident
 from infrastructure.engine.sampling import RowSampler, sample
+from infrastructure.engine.static_batch import StaticBatch, decode_mode
 from infrastructure.errors import (
     EngineUnavailableError,
-    GenerationError,
     InvalidRequestError,
-    PersonaError,
     QueueFullError,
-    RequestTimeoutError,
     TokenLimitError,
 )
 from infrastructure.model_loader import LoadedModel
-from infrastructure.steering.hooks import BatchSteering, HookSet, build_tables
+from infrastructure.steering.hooks import BatchSteering, build_tables
 from infrastructure.steering.sites import site_module
 
 log = logging.getLogger(__name__)
 
 
-class PersonaEngine:
+class PersonaEngine(RowLifecycle):
     def __init__(
-        self, loaded: LoadedModel, *, max_batch_size: int = 32, max_queue: int = 256, max_model_len: int = 65536
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch_size: int = 32,
+        max_queue: int = 256,
+        max_model_len: int = 65536,
+        decode: str = "dynamic",
+        static_len: int = 4096,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.context_len = min(max_model_len, loaded.max_positions)
+        self.decode_mode = decode_mode(decode, loaded)  # dynamic | static | graphs
+        longest = static_len if self.decode_mode != "dynamic" else max_model_len  # the static cache's columns
+        self.context_len = min(max_model_len, longest, loaded.max_positions)
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.eos_ids = eos_ids(loaded.model, loaded.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
@@ -65,8 +74,9 @@ class PersonaEngine:
         self._pending: deque[GenerationJob] = deque()
         self._cv = threading.Condition()
         self._rows: list[Row] = []
-        self._batch = BatchTensors()
+        self._batch: BatchTensors | StaticBatch = BatchTensors()
         self._steering: BatchSteering | None = None
+        self._step_mask: tuple[list | None, torch.Tensor | None] = (None, None)
         self.stopping = False
         self._abort = False
         self._site_devices: dict[int, torch.device] = {}
@@ -75,6 +85,9 @@ class PersonaEngine:
     # ---- public API (event-loop side) ----
 
     def start(self) -> None:
+        # The inference thread shares the GIL with the event loop; by default a thread waiting for it may
+        # wait 5 ms, longer than a GPU decode step. A 0.5 ms switch interval keeps the GPU fed.
+        sys.setswitchinterval(min(sys.getswitchinterval(), 0.0005))
         self._thread.start()
 
     def wait_ready(self, timeout: float | None = None) -> bool:
@@ -146,6 +159,9 @@ class PersonaEngine:
     def _run(self) -> None:
         try:
             with torch.inference_mode():
+                if self.decode_mode != "dynamic":
+                    graphs = self.decode_mode == "graphs"
+                    self._batch = StaticBatch(self.model, self.max_batch_size, self.context_len, graphs)
                 self._warm_up()
                 self.ready = True
                 while True:
@@ -171,27 +187,6 @@ class PersonaEngine:
         while self._rows:
             self._decode()
 
-    def _take_jobs(self) -> list[GenerationJob] | None:
-        """Waiting jobs that fit in the batch; blocks while idle. None: stop the loop."""
-        with self._cv:
-            while not self._rows and not self._pending:
-                if self.stopping or self._abort:
-                    return None
-                self._cv.wait()
-            if self._abort:
-                return None
-            jobs, room = [], self.max_batch_size - len(self._rows)
-            while self._pending and len(self._pending[0].rows) <= room:
-                job = self._pending.popleft()
-                if job.deadline is not None and time.monotonic() > job.deadline:
-                    job.emit(JobFailed(RequestTimeoutError("the request waited longer than its time budget")))
-                    continue
-                if job.cancelled:
-                    continue
-                jobs.append(job)
-                room -= len(job.rows)
-            return jobs
-
     @property
     def _table_dtype(self) -> torch.dtype:
         return self.loaded.dtype if self.loaded.dtype.is_floating_point else torch.float32
@@ -210,6 +205,7 @@ class PersonaEngine:
         )
 
     def _prefill(self, jobs: list[GenerationJob]) -> None:
+        self._settle()
         try:
             rows = [self._new_row(job, i, req) for job in jobs for i, req in enumerate(job.rows)]
             from transformers import DynamicCache
@@ -224,8 +220,10 @@ class PersonaEngine:
             ]
             steering.set_mask(self._mask_tensor(mask))
             cache = DynamicCache(config=self.model.config)
-            logits = self._forward("prefill", steering, ids, attention, positions, cache)
-            record_captures(rows, steering, prefill=True)
+            if self.fault is not None:
+                self.fault("prefill")
+            logits = run_forward(self.model, steering, ids, attention, positions, cache)
+            record_captures(rows, steering.captured, prefill=True)
             tokens = sample(logits, [r.sampler for r in rows])
         except Exception as exc:
             self._fail_jobs(jobs, exc)
@@ -237,50 +235,62 @@ class PersonaEngine:
         self._accept(rows, tokens)
         self._retire()
 
-    def _decode(self) -> None:
+    def _decode(self, ahead: bool = True) -> None:
+        """One decode step: launch it (unless it already is) and collect it. With static slots, when no row can
+        finish and nothing waits, the next step is launched before this one's tokens are detokenised and
+        streamed, so the GPU does not wait for Python (a row that stops anyway computes one unused token)."""
         rows = self._rows
-        if self._steering is None:
-            self._steering = self._steering_for(rows)
-        ids, attention, positions = self._batch.advance(self._batch.next_token)
-        steers = self._steering.steers  # an unsteered batch needs no per-step position mask
-        mask = [r.steer_mask(r.generated[-1:], False, self.special_ids) for r in rows] if steers else None
-        self._steering.set_mask(self._mask_tensor(mask) if steers else None)
         try:
-            logits = self._forward("decode", self._steering, ids, attention, positions, self._batch.cache)
-            record_captures(rows, self._steering, prefill=False)
+            if not self._batch.in_flight:
+                self._launch(rows, [r.generated[-1] for r in rows])
+            logits, captured = self._batch.collect()
+            record_captures(rows, captured, prefill=False)
             tokens = sample(logits, [r.sampler for r in rows])
+            self._batch.next_token = torch.tensor(tokens, device=self.loaded.device)
+            if ahead and self._may_run_ahead(rows, tokens):
+                self._launch(rows, tokens)
         except Exception as exc:
-            self.stats["failed_batches"] += 1
-            jobs = list({id(r.job): r.job for r in rows}.values())
-            self._rows, self._steering = [], None
-            self._batch.clear()
-            self._fail_jobs(jobs, exc)
+            self._fail_batch(rows, exc)
             return
         self.stats["steps"] += 1
         self.stats["last_batch"] = len(rows)
         self.stats["max_batch"] = max(self.stats["max_batch"], len(rows))
-        self._batch.next_token = torch.tensor(tokens, device=self.loaded.device)
         self._accept(rows, tokens)
         self._retire()
+
+    def _launch(self, rows: list[Row], last: list[int]) -> None:
+        """Queue a decode step whose inputs are each row's `last` token."""
+        if self._steering is None:
+            self._steering = self._steering_for(rows)
+        steers = self._steering.steers  # an unsteered batch needs no per-step position mask
+        mask = [r.steer_mask([t], False, self.special_ids) for r, t in zip(rows, last)] if steers else None
+        if mask != self._step_mask[0]:  # usually the same every step: upload it only when it changes
+            self._step_mask = (mask, self._mask_tensor(mask) if steers else None)
+        self._steering.set_mask(self._step_mask[1])
+        if self.fault is not None:
+            self.fault("decode")
+        self._batch.launch(self.model, self._steering)
+
+    def _may_run_ahead(self, rows: list[Row], tokens: list[int]) -> bool:
+        if self.decode_mode == "dynamic" or self.fault is not None or self._pending:
+            return False
+        for row, token in zip(rows, tokens):
+            ends = token in row.eos_ids and not row.request.sampling.ignore_eos
+            if ends or len(row.generated) + 1 >= row.max_new or row.job.cancelled:
+                return False
+        return True
+
+    def _settle(self) -> None:
+        """Finish a step launched ahead (rows are about to join, so the slots must be final)."""
+        if self._batch.in_flight and self._rows:
+            self._decode(ahead=False)
+        if self._batch.in_flight:
+            self._batch.collect()
 
     def _mask_tensor(self, mask: list[list[bool]]) -> torch.Tensor:
         """The step's position mask, copied to the device before the forward is queued: a host-to-device
         copy from inside a hook would stall the CPU until the GPU caught up with the layers before it."""
         return torch.tensor(mask, dtype=torch.bool, device=self.loaded.device)
-
-    def _forward(self, phase: str, steering: BatchSteering, ids, attention, positions, cache) -> torch.Tensor:
-        if self.fault is not None:
-            self.fault(phase)
-        with HookSet(self.model, steering):
-            out = self.model(
-                input_ids=ids,
-                attention_mask=attention,
-                position_ids=positions,
-                past_key_values=cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
-        return out.logits[:, -1, :].float()
 
     def _steering_for(self, rows: list[Row]) -> BatchSteering:
         tables = build_tables(
@@ -297,54 +307,3 @@ class PersonaEngine:
             module = site_module(self.model, site)
             self._site_devices[site] = next(module.parameters()).device
         return self._site_devices[site]
-
-    def _accept(self, rows: list[Row], tokens: list[int]) -> None:
-        for row, token in zip(rows, tokens):
-            event = row.accept(token)
-            if event is not None:
-                row.job.emit(event)
-        self.stats["tokens"] += len(tokens)
-
-    def _drop_cancelled(self) -> None:
-        now = time.monotonic()
-        timed_out = set()
-        for row in self._rows:
-            if row.job.deadline is not None and now > row.job.deadline and id(row.job) not in timed_out:
-                timed_out.add(id(row.job))
-                row.job.emit(JobFailed(RequestTimeoutError("the request exceeded its time budget")))
-                row.job.cancel()
-            if row.job.cancelled and row.finish_reason is None:
-                row.finish_reason = "cancelled"
-        self._retire()
-
-    def _retire(self) -> None:
-        """Emit the end of every finished row and remove it (and its cache rows) from the batch."""
-        keep = []
-        for i, row in enumerate(self._rows):
-            if row.finish_reason is None:
-                keep.append(i)
-            elif not row.job.cancelled:
-                row.job.emit(row.finished_event())
-        if len(keep) != len(self._rows):
-            self._rows = [self._rows[i] for i in keep]
-            self._batch.select(keep)
-            self._steering = None
-
-    def _fail_jobs(self, jobs: list[GenerationJob], exc: BaseException) -> None:
-        error = exc if isinstance(exc, PersonaError) else GenerationError(f"generation failed: {type(exc).__name__}")
-        if not isinstance(exc, PersonaError):
-            log.error("batch of %d job(s) failed", len(jobs), exc_info=exc)
-        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        for job in jobs:
-            job.emit(JobFailed(error))
-
-    def _fail_all(self, error: PersonaError) -> None:
-        jobs = list({id(r.job): r.job for r in self._rows}.values())
-        with self._cv:
-            jobs += list(self._pending)
-            self._pending.clear()
-        self._rows, self._steering = [], None
-        self._batch.clear()
-        for job in jobs:
-            job.emit(JobFailed(error))

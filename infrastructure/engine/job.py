@@ -98,6 +98,9 @@ class GenerationJob:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
+    def _deliver(self, event: Event) -> None:
+        self._queue.put_nowait(event)
+
     async def events(self) -> AsyncIterator[Event]:
         """Yield events until every row finished or the job failed; cancel the job if abandoned."""
         pending = len(self.rows)
@@ -112,3 +115,22 @@ class GenerationJob:
         finally:
             if pending:
                 self.cancel()
+
+
+def emit_all(events: list[tuple[GenerationJob, Event]]) -> None:
+    """Hand a step's events to their event loops with one wake-up per loop (not one per event): with
+    dozens of streaming rows, per-event wake-ups keep the loop and the inference thread fighting for the GIL."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationJob, Event]]] = {}
+    for job, event in events:
+        if job._loop is not None and not job._loop.is_closed():
+            by_loop.setdefault(job._loop, []).append((job, event))
+    for loop, items in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_deliver_all, items)
+        except RuntimeError:  # the loop closed meanwhile: nobody is listening any more
+            pass
+
+
+def _deliver_all(items: list[tuple[GenerationJob, Event]]) -> None:
+    for job, event in items:
+        job._deliver(event)

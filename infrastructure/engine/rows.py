@@ -11,7 +11,6 @@ import torch
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.job import GenerationJob, RowFinished, RowRequest, RowToken
 from infrastructure.engine.sampling import RowSampler
-from infrastructure.steering.hooks import BatchSteering
 from infrastructure.steering.spec import Positions
 
 
@@ -126,14 +125,14 @@ def left_pad_batch(rows: list[Row], pad_id: int, device: torch.device) -> tuple[
     return ids.to(device), attention.to(device)
 
 
-def record_captures(rows: list[Row], steering: BatchSteering, prefill: bool) -> None:
-    """Copy each row's captured projections (its real positions only) out of the last forward."""
-    if not steering.captured:
+def record_captures(rows: list[Row], captured: dict[tuple[int, int], torch.Tensor], prefill: bool) -> None:
+    """Copy each row's captured projections [B,T] (its real positions only) out of a forward."""
+    if not captured:
         return
-    captured = {key: value.cpu() for key, value in steering.captured.items()}
+    values = {key: value.tolist() for key, value in captured.items()}  # one transfer per capture slot
     for b, row in enumerate(rows):
         n = row.prompt_len if prefill else 1
-        row.record({name: captured[(site, slot)][b, -n:].tolist() for name, site, slot in capture_slots(row.request)})
+        row.record({name: values[(site, slot)][b][-n:] for name, site, slot in capture_slots(row.request)})
 
 
 def eos_ids(model: Any, tokenizer: Any) -> frozenset[int]:

@@ -1,0 +1,100 @@
+"""Row lifecycle on the inference thread: taking queued jobs, handing out events, retiring finished,
+cancelled and timed-out rows, and failing jobs. Mixed into PersonaEngine (which owns the state)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from infrastructure.engine.job import Event, GenerationJob, JobFailed, emit_all
+from infrastructure.engine.rows import Row
+from infrastructure.errors import GenerationError, PersonaError, RequestTimeoutError
+
+log = logging.getLogger("infrastructure.engine.engine")
+
+
+class RowLifecycle:
+    def _take_jobs(self) -> list[GenerationJob] | None:
+        """Waiting jobs that fit in the batch; blocks while idle. None: stop the loop."""
+        with self._cv:
+            while not self._rows and not self._pending:
+                if self.stopping or self._abort:
+                    return None
+                self._cv.wait()
+            if self._abort:
+                return None
+            jobs, room = [], self.max_batch_size - len(self._rows)
+            while self._pending and len(self._pending[0].rows) <= room:
+                job = self._pending.popleft()
+                if job.deadline is not None and time.monotonic() > job.deadline:
+                    job.emit(JobFailed(RequestTimeoutError("the request waited longer than its time budget")))
+                    continue
+                if job.cancelled:
+                    continue
+                jobs.append(job)
+                room -= len(job.rows)
+            return jobs
+
+    def _accept(self, rows: list[Row], tokens: list[int]) -> None:
+        """Give every row its token; the step's events go to the event loop(s) in one hand-over."""
+        events: list[tuple[GenerationJob, Event]] = []
+        for row, token in zip(rows, tokens):
+            event = row.accept(token)
+            if event is not None:
+                events.append((row.job, event))
+        emit_all(events)
+        self.stats["tokens"] += len(tokens)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        timed_out = set()
+        for row in self._rows:
+            if row.job.deadline is not None and now > row.job.deadline and id(row.job) not in timed_out:
+                timed_out.add(id(row.job))
+                row.job.emit(JobFailed(RequestTimeoutError("the request exceeded its time budget")))
+                row.job.cancel()
+            if row.job.cancelled and row.finish_reason is None:
+                row.finish_reason = "cancelled"
+        self._retire()
+
+    def _retire(self) -> None:
+        """Emit the end of every finished row and remove it (and its cache rows) from the batch."""
+        keep, events = [], []
+        for i, row in enumerate(self._rows):
+            if row.finish_reason is None:
+                keep.append(i)
+            elif not row.job.cancelled:
+                events.append((row.job, row.finished_event()))
+        emit_all(events)
+        if len(keep) != len(self._rows):
+            self._rows = [self._rows[i] for i in self._batch.select(keep)]
+            self._steering = None
+
+    def _fail_batch(self, rows: list[Row], exc: BaseException) -> None:
+        """A step failed: every job with a row in it fails, and the batch starts over empty."""
+        self.stats["failed_batches"] += 1
+        jobs = list({id(r.job): r.job for r in rows}.values())
+        self._rows, self._steering = [], None
+        self._batch.clear()
+        self._fail_jobs(jobs, exc)
+
+    def _fail_jobs(self, jobs: list[GenerationJob], exc: BaseException) -> None:
+        error = exc if isinstance(exc, PersonaError) else GenerationError(f"generation failed: {type(exc).__name__}")
+        if not isinstance(exc, PersonaError):
+            log.error("batch of %d job(s) failed", len(jobs), exc_info=exc)
+        if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        for job in jobs:
+            job.emit(JobFailed(error))
+
+    def _fail_all(self, error: PersonaError) -> None:
+        jobs = list({id(r.job): r.job for r in self._rows}.values())
+        with self._cv:
+            jobs += list(self._pending)
+            self._pending.clear()
+        self._rows, self._steering = [], None
+        self._batch.clear()
+        for job in jobs:
+            job.emit(JobFailed(error))
