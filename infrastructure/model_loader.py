@@ -98,10 +98,11 @@ def _placement(settings: Settings, device: str) -> dict:
         i: int(torch.cuda.get_device_properties(i).total_memory * settings.gpu_memory_utilization)
         for i in range(settings.tensor_parallel_size)
     }
-    return {"device_map": "auto", "max_memory": budget}
+    # several GPUs: spread the layers evenly (each GPU then holds about 1/N of the model and its KV cache)
+    return {"device_map": "balanced" if len(budget) > 1 else "auto", "max_memory": budget}
 
 
-def _quantization(settings: Settings, kwargs: dict) -> tuple[str, dict]:
+def _quantization(settings: Settings, kwargs: dict, dtype: torch.dtype) -> tuple[str, dict]:
     """bitsandbytes on request; pre-quantised checkpoints announce themselves in their config."""
     from transformers import AutoConfig, BitsAndBytesConfig
 
@@ -120,7 +121,8 @@ def _quantization(settings: Settings, kwargs: dict) -> tuple[str, dict]:
     if settings.quantization == "bnb-8bit":
         return "bnb-8bit", {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
     if settings.quantization == "bnb-4bit":
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+        # 4-bit weights are dequantised to the model's dtype for each matmul (bf16 on a GPU, fp32 on the CPU)
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         return "bnb-4bit", {"quantization_config": q}
     return "none", {}
 
@@ -131,10 +133,14 @@ def load_model(settings: Settings) -> LoadedModel:
 
     started = time.perf_counter()
     device = resolve_device(settings.device)
+    if device == "cuda":
+        # cuDNN's attention plans per key length: a dynamic cache (one new length every step) and every new prompt
+        # length paid a plan build (~2 ms per layer on an H200); flash / memory-efficient kernels need none
+        torch.backends.cuda.enable_cudnn_sdp(False)
     dtype = resolve_dtype(settings.model_dtype, device)
     weights_id, source, kwargs = _locate(settings)
     try:
-        quantization, qkwargs = _quantization(settings, kwargs)
+        quantization, qkwargs = _quantization(settings, kwargs, dtype)
         tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, **_placement(settings, device), **qkwargs)
     except OSError as exc:
