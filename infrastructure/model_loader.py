@@ -102,6 +102,13 @@ def _placement(settings: Settings, device: str) -> dict:
     return {"device_map": "balanced" if len(budget) > 1 else "auto", "max_memory": budget}
 
 
+QUANTISED_HINT = (
+    "AWQ and GPTQ checkpoints load through gptqmodel, which this build does not install (gptqmodel 7.7 needs "
+    "torch >= 2.14.1, the lock pins 2.13.0): serve the unquantised checkpoint with QUANTIZATION=bnb-4bit, or "
+    "install a gptqmodel built for your torch"
+)
+
+
 def _quantization(settings: Settings, kwargs: dict, dtype: torch.dtype) -> tuple[str, dict]:
     """bitsandbytes on request; pre-quantised checkpoints announce themselves in their config."""
     from transformers import AutoConfig, BitsAndBytesConfig
@@ -146,6 +153,8 @@ def load_model(settings: Settings) -> LoadedModel:
     except OSError as exc:
         hint = f"; fetch it first: pipenv run python scripts/download_models.py {weights_id}"
         raise ModelLoadError(f"cannot load {weights_id}: {exc}{hint if source == 'cache' else ''}") from exc
+    except ImportError as exc:  # a pre-quantised checkpoint whose kernels' library is not installed
+        raise ModelLoadError(f"cannot load {weights_id}: {exc}. {QUANTISED_HINT}") from exc
     model.eval()
     model.requires_grad_(False)
     devices = sorted({str(p.device) for p in model.parameters()})

@@ -32,6 +32,13 @@ def rows(n: dict) -> list[tuple[str, str, float | None, str]]:
             (name, "ITL p50 ms", r["itl_p50_ms"], ""),
             (name, "ITL p99 ms", r["itl_p99_ms"], ""),
         ]
+        if "prefills" in r:  # where the time to first token went: arrivals at the engine, prefill batches
+            out += [
+                (name, "client send → engine p50 ms", r["to_engine_p50_ms"], ""),
+                (name, "engine prefills", r["prefills"], ""),
+                (name, "prefill ms, summed", r["prefill_ms_total"], ""),
+                (name, "prefill end → client's first frame p50 ms", r["first_frame_after_prefill_p50_ms"], ""),
+            ]
     steered, plain, seq = (n[k]["tokens_per_s"] for k in ("w2_steered", "w2_unsteered", "w2_one_at_a_time"))
     out += [
         ("W2 distinct vectors ÷ no steering", "throughput ratio", steered / plain, "≥ 0.9 (H100, 7B)"),

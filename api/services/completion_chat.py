@@ -163,12 +163,13 @@ async def guarded(frames: AsyncIterator[dict]) -> AsyncIterator[dict]:
         await frames.aclose()
 
 
-async def sse_data(frames: AsyncIterator[dict]) -> AsyncIterator[str]:
-    """The `data:` payloads of an SSE stream (guarded frames as JSON)."""
+async def sse_data(frames: AsyncIterator[dict]) -> AsyncIterator[bytes]:
+    """The SSE events of a stream (guarded frames as JSON), already encoded: compact JSON has no line break to
+    split, so sse-starlette's per-event line scan (a third of the encoding time at 64 streams) is skipped."""
     stream = guarded(frames)
     try:
         async for item in stream:
-            yield json.dumps(item, ensure_ascii=False)
+            yield b"data: " + json.dumps(item, ensure_ascii=False).encode() + b"\n\n"
     finally:
         await stream.aclose()
 

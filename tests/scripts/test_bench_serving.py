@@ -23,7 +23,17 @@ EXPECTED_ROWS = [
     *[
         (f"W2 3 clients, {kind}", metric)
         for kind in ("distinct vectors", "no steering", "one request at a time")
-        for metric in ("aggregate tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms")
+        for metric in (
+            "aggregate tokens/s",
+            "TTFT p50 ms",
+            "TTFT p99 ms",
+            "ITL p50 ms",
+            "ITL p99 ms",
+            "client send → engine p50 ms",
+            "engine prefills",
+            "prefill ms, summed",
+            "prefill end → client's first frame p50 ms",
+        )
     ],
     ("W2 distinct vectors ÷ no steering", "throughput ratio"),
     ("W2 batched ÷ one at a time", "throughput ratio"),
@@ -84,6 +94,14 @@ def test_every_request_decoded_its_forced_length(smoke):
         assert run["requests"] == 3
         assert run["tokens"] == run["expected_tokens"] == 3 * numbers["new_tokens"], name
     assert numbers["w1"]["tokens"] == numbers["new_tokens"]
+
+
+def test_trace_accounts_for_every_request(smoke):
+    _, numbers = smoke
+    for name in ("w2_steered", "w2_unsteered", "w4_monitoring_off", "w4_monitoring_on"):
+        run = numbers[name]
+        assert sum(run["prefill_rows"]) == 3 and run["prefills"] == len(run["prefill_rows"]) >= 1, name
+    assert numbers["w2_one_at_a_time"]["prefill_rows"] == [1, 1, 1]  # max_batch_size=1: one prefill per request
 
 
 def test_monitoring_rides_only_on_w4(smoke):
