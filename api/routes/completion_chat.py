@@ -9,11 +9,12 @@ from fastapi.responses import JSONResponse
 from sse_starlette import EventSourceResponse
 
 from api.deps import RuntimeDep
+from api.routing import JSONRoute
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.completion_chat import CompletionChatRequest, RunSyncRequest, RunSyncResponse
 from api.services.completion_chat import collect_frames, final_frame_of, sse_data, start_completion_chat
 
-router = APIRouter(tags=["Steered completion-chat (Neuronpedia)"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=JSONRoute, tags=["Steered completion-chat (Neuronpedia)"], responses=ERROR_RESPONSES)
 
 STREAM_DOC = {
     200: {

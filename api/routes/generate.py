@@ -5,11 +5,12 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from api.deps import RuntimeDep
+from api.routing import JSONRoute
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.generate import BaselineRequest, GenerateRequest, GenerateResponse
 from api.services.generate import run_generate
 
-router = APIRouter(prefix="/api/v1", tags=["Persona Serving API"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=JSONRoute, prefix="/api/v1", tags=["Persona Serving API"], responses=ERROR_RESPONSES)
 
 
 @router.post("/generate", response_model=GenerateResponse, summary="Generate with persona steering")

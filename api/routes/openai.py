@@ -6,13 +6,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import RuntimeDep
+from api.routing import JSONRoute
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.openai import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, unsupported_field
 from api.services.openai_chat import complete, list_models, model_card, start
 from api.services.openai_stream import sse
 from infrastructure.errors import InvalidRequestError
 
-router = APIRouter(prefix="/v1", tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=JSONRoute, prefix="/v1", tags=["OpenAI-compatible"], responses=ERROR_RESPONSES)
 
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

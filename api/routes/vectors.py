@@ -8,6 +8,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import RuntimeDep
+from api.routing import JSONRoute
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.vectors import (
     JSON_EXAMPLE,
@@ -20,7 +21,7 @@ from api.schemas.vectors import (
 from api.services.vectors import create_from_file, create_from_json, delete_vector, list_vectors, vector_detail
 from infrastructure.errors import InvalidRequestError
 
-router = APIRouter(prefix="/api/v1", tags=["Vector registry"], responses=ERROR_RESPONSES)
+router = APIRouter(route_class=JSONRoute, prefix="/api/v1", tags=["Vector registry"], responses=ERROR_RESPONSES)
 
 _UPLOAD_SCHEMA = {
     "type": "object",
