@@ -103,9 +103,9 @@ def _placement(settings: Settings, device: str) -> dict:
 
 
 QUANTISED_HINT = (
-    "AWQ and GPTQ checkpoints load through gptqmodel, which this build does not install (gptqmodel 7.7 needs "
-    "torch >= 2.14.1, the lock pins 2.13.0): serve the unquantised checkpoint with QUANTIZATION=bnb-4bit, or "
-    "install a gptqmodel built for your torch"
+    "AWQ and GPTQ checkpoints load through gptqmodel, which this build does not lock (7.7 needs torch >= 2.14.1, "
+    "7.6 pins numpy 2.2.6; the lock has torch 2.13.0, numpy 2.4.6): serve the unquantised checkpoint with "
+    "QUANTIZATION=bnb-4bit, or install gptqmodel into an environment whose torch and numpy it accepts"
 )
 
 
