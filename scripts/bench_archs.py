@@ -70,11 +70,12 @@ ARCHS: dict[str, dict[str, Any]] = {
 }
 
 
-def arch_config(name: str, layers: int | None = None):
-    """The transformers config of a named arch, optionally truncated to `layers` decoder layers."""
+def arch_config(name: str, layers: int | None = None, overrides: dict | None = None):
+    """The transformers config of a named arch, optionally truncated to `layers` decoder layers (and with
+    `overrides` applied: a shrunken copy for CPU flow checks)."""
     from transformers import LlamaConfig, Qwen2Config
 
-    values = dict(ARCHS[name])
+    values = dict(ARCHS[name]) | (overrides or {})
     family = values.pop("family")
     if layers is not None:
         values["num_hidden_layers"] = min(layers, values["num_hidden_layers"])
@@ -83,13 +84,18 @@ def arch_config(name: str, layers: int | None = None):
 
 
 def build_random_model(
-    name: str, layers: int | None, device: str, tokenizer: Any, dtype: torch.dtype | None = None
+    name: str,
+    layers: int | None,
+    device: str,
+    tokenizer: Any,
+    dtype: torch.dtype | None = None,
+    overrides: dict | None = None,
 ) -> tuple[torch.nn.Module, float]:
     """Random-weight model of the arch on `device` (default bf16 on CUDA, fp32 on CPU) and its build seconds."""
     from transformers import AutoModelForCausalLM
 
     started = time.perf_counter()
-    config = arch_config(name, layers)
+    config = arch_config(name, layers, overrides)
     dtype = dtype or (torch.bfloat16 if device == "cuda" else torch.float32)
     torch.manual_seed(0)
     with torch.device(device):

@@ -74,28 +74,23 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def child_build(spec: dict) -> dict:
     """Random-weight model (seed 0) built on the device, saved with the tokenizer into spec['dir']."""
-    from bench_archs import _confine_to_tokenizer, weight_bytes
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Qwen2Config
+    from bench_archs import build_random_model, weight_bytes
+    from transformers import AutoTokenizer
 
     from app.settings import Settings
     from infrastructure.embedded import ensure_embedded
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"] or ensure_embedded(Settings().model_cache_dir))
-    values = dict(ARCHS[spec["arch"]]) | (TINY if spec["tiny"] else {})
-    cls = Qwen2Config if values.pop("family") == "qwen2" else LlamaConfig
-    values["num_hidden_layers"] = min(spec.get("layers") or (4 if spec["tiny"] else 999), values["num_hidden_layers"])
-    config = cls(**values, bos_token_id=1, eos_token_id=2, pad_token_id=2)
-    started, gpu = time.perf_counter(), spec["device"] == "cuda"
-    torch.manual_seed(0)
-    with torch.device(spec["device"]):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if gpu else torch.float32)
-    _confine_to_tokenizer(model.requires_grad_(False), tokenizer)
-    built = time.perf_counter()
+    layers, gpu = spec.get("layers") or (4 if spec["tiny"] else None), spec["device"] == "cuda"
+    model, build_s = build_random_model(
+        spec["arch"], layers, spec["device"], tokenizer, overrides=TINY if spec["tiny"] else None
+    )
+    started = time.perf_counter()
     model.save_pretrained(spec["dir"])
     tokenizer.save_pretrained(spec["dir"])
-    out = {"weight_bytes": weight_bytes(model), "layers": config.num_hidden_layers, "build_s": built - started}
+    out = {"weight_bytes": weight_bytes(model), "layers": model.config.num_hidden_layers, "build_s": build_s}
     name = torch.cuda.get_device_name(0) if gpu else f"CPU ({os.cpu_count()} cores)"
-    return out | {"save_s": time.perf_counter() - built, "device_name": name}
+    return out | {"save_s": time.perf_counter() - started, "device_name": name}
 
 
 def load_through_loader(spec: dict):

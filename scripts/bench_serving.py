@@ -37,6 +37,7 @@ import torch  # noqa: E402
 from bench_archs import ARCHS, build_random_model, copy_bandwidth, weight_bytes  # noqa: E402
 from bench_client import CHAT_ROUTE, ServerThread, latency_summary, run_concurrent_sync  # noqa: E402
 from bench_report import render_table  # noqa: E402
+from bench_trace import EngineTrace  # noqa: E402
 
 from app.runtime import Runtime  # noqa: E402
 from app.settings import Settings  # noqa: E402
@@ -152,66 +153,6 @@ def steer_vector(hidden: int, client: int) -> list[float]:
     """A distinct random direction per client (seeded, so runs repeat)."""
     g = torch.Generator().manual_seed(1000 + client)
     return torch.randn(hidden, generator=g).tolist()
-
-
-class EngineTrace:
-    """When jobs reached the engine, what each prefill took and when it handed out its first tokens: where the
-    time to first token goes. Instance attributes shadow three engine methods for the duration of one workload."""
-
-    def __init__(self, engine: PersonaEngine) -> None:
-        self.engine, self.arrivals, self.prefills, self.emitted = engine, [], [], []
-
-    def __enter__(self) -> EngineTrace:
-        submit, prefill, accept = self.engine.submit, self.engine._prefill, self.engine._accept
-        inside = [False]
-
-        def traced_submit(job):
-            self.arrivals.append(time.perf_counter())
-            return submit(job)
-
-        def traced_prefill(jobs):
-            started, inside[0] = time.perf_counter(), True  # a prefill ends by sampling on the host
-            try:
-                prefill(jobs)
-            finally:
-                inside[0] = False
-            self.prefills.append((sum(len(j.rows) for j in jobs), started, time.perf_counter()))
-
-        def traced_accept(rows, tokens):
-            if inside[0]:  # stamped before the events leave, so every first frame comes after its stamp
-                self.emitted.append(time.perf_counter())
-            return accept(rows, tokens)
-
-        self.engine.submit, self.engine._prefill, self.engine._accept = traced_submit, traced_prefill, traced_accept
-        self.allocator = self._allocator()
-        return self
-
-    @staticmethod
-    def _allocator() -> dict:
-        """cudaMalloc calls and out-of-memory retries (each retry frees the cache and synchronises)."""
-        if not torch.cuda.is_available():
-            return {}
-        stats = torch.cuda.memory_stats()
-        return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_alloc_retries")}
-
-    def __exit__(self, *exc) -> None:
-        del self.engine.submit, self.engine._prefill, self.engine._accept
-
-    def summary(self, results: list) -> dict:
-        """perf_counter is one monotonic clock for every process of the machine: client times compare."""
-        if not self.arrivals or not self.prefills:
-            return {}
-        firsts = [r.token_frames[0] if r.token_frames else r.ended for r in results]
-        after = [first - max((e for e in self.emitted if e <= first), default=first) for first in firsts]
-        started = statistics.median(r.started for r in results)
-        return {
-            "arrival_spread_ms": 1000 * (max(self.arrivals) - min(self.arrivals)),
-            "to_engine_p50_ms": 1000 * (statistics.median(self.arrivals) - started),
-            "prefills": len(self.prefills),
-            "prefill_rows": [n for n, _, _ in self.prefills],
-            "prefill_ms_total": sum(1000 * (end - start) for _, start, end in self.prefills),
-            "first_frame_after_prefill_p50_ms": 1000 * statistics.median(after),
-        } | {key: value - self.allocator[key] for key, value in self._allocator().items()}
 
 
 class Bench:
