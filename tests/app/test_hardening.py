@@ -143,7 +143,10 @@ async def test_prompt_limits_are_checked_on_characters_first_and_name_the_contex
     assert "context is 8192" in error["message"] and "65536" not in error["message"]
 
 
-async def test_status_reveals_no_file_paths(client, runtime):
+async def test_status_reveals_no_file_paths(client, runtime, make_app, tmp_path):
+    async with client_for(make_app(persona_data_path=tmp_path / "persona")) as c:
+        detail = (await c.get("/status")).json()["persona_monitoring_detail"]
+    assert "PERSONA_DATA_PATH" in detail and str(tmp_path) not in detail
     status = (await client.get("/status")).json()
     for key in status["traits_skipped"]:
         assert not key.startswith("/"), key
