@@ -7,6 +7,7 @@ import logging
 import uvicorn
 
 from app.factory import create_app
+from app.serve import build_server, server_options
 from app.settings import Settings
 
 
@@ -18,10 +19,17 @@ def build_app():
 def main() -> None:
     settings = Settings()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.workers > 1:
-        uvicorn.run("main:build_app", factory=True, host=settings.host, port=settings.port, workers=settings.workers)
+    if settings.workers > 1:  # each worker process stops by uvicorn's own rules (no engine drain)
+        uvicorn.run(
+            "main:build_app",
+            factory=True,
+            host=settings.host,
+            port=settings.port,
+            workers=settings.workers,
+            **server_options(settings),
+        )
     else:
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port)
+        build_server(settings, create_app(settings)).run()
 
 
 if __name__ == "__main__":

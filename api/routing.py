@@ -16,14 +16,45 @@ from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
 
+def _no_lone_surrogates(value: Any) -> None:
+    """Refuse strings that are not valid Unicode (`"\\ud800"` decodes to a lone surrogate, which tokenizers and
+    encoders reject later with a TypeError). Iterative, so depth cannot overflow the stack."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise json.JSONDecodeError("a string holds a lone UTF-16 surrogate", "", 0) from exc
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
+def stdlib_json(body: bytes, object_pairs_hook: Callable | None = None) -> Any:
+    """`json.loads` with every way it can fail as a JSONDecodeError (FastAPI's `json_invalid`, answered 400
+    `invalid_json`): nesting deeper than the interpreter's stack is a RecursionError there, a 500 before."""
+    try:
+        value = json.loads(body, object_pairs_hook=object_pairs_hook)
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except UnicodeDecodeError as exc:
+        raise json.JSONDecodeError(f"not UTF-8: {exc.reason}", "", exc.start) from None
+    _no_lone_surrogates(value)
+    return value
+
+
 class FastJSONRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
             try:
                 self._json = pydantic_core.from_json(body, allow_inf_nan=True)
-            except ValueError:  # malformed, or nested deeper than its recursion limit (255): the stdlib decides
-                self._json = json.loads(body)
+            except ValueError:  # malformed, too deep (its limit is 255) or a lone surrogate: the stdlib decides
+                self._json = stdlib_json(body)
         return self._json
 
 

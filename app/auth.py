@@ -2,7 +2,9 @@
 
 With SECRET (or API_KEY) set, every route but /health and the playground page needs
 `X-SECRET-KEY: <secret>` (Neuronpedia) or `Authorization: Bearer <secret>` (RunPod, OpenAI);
-compared in constant time."""
+compared in constant time. With ADMIN_SECRET set, writes to the shared vector registry
+(POST/DELETE under /api/v1/vectors) need that secret instead: readers of the API cannot rewrite
+what every other user steers with."""
 
 from __future__ import annotations
 
@@ -14,6 +16,22 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 # exact paths only (no prefixes): the probe, and the playground page with its two static files,
 # which hold no data (the page sends the secret the user types with every API call it makes)
 OPEN_PATHS = frozenset({"/health", "/", "/playground/app.js", "/playground/app.css"})
+REGISTRY_PREFIX = "/api/v1/vectors"
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def is_registry_write(method: str, path: str) -> bool:
+    return method in WRITE_METHODS and (path == REGISTRY_PREFIX or path.startswith(REGISTRY_PREFIX + "/"))
+
+
+def describe_auth(secret: str | None, admin_secret: str | None) -> str:
+    """One start-up log line saying who can call the API and who can write the registry."""
+    reads = "on (SECRET/API_KEY required on every route but /health)" if secret else "OFF (no SECRET or API_KEY)"
+    if admin_secret:
+        writes = "ADMIN_SECRET"
+    else:
+        writes = "SECRET holders" if secret else "anyone who can reach the server"
+    return f"auth {reads}; registry writes: {writes}"
 
 
 def presented_secret(headers: dict[bytes, bytes]) -> bytes | None:
@@ -27,23 +45,31 @@ def presented_secret(headers: dict[bytes, bytes]) -> bytes | None:
 
 
 class SecretAuthMiddleware:
-    def __init__(self, app: ASGIApp, secret: str) -> None:
+    def __init__(self, app: ASGIApp, secret: str | None, admin_secret: str | None = None) -> None:
         self.app = app
-        self.secret = secret.encode()
+        self.secret = secret.encode() if secret else None
+        self.admin_secret = admin_secret.encode() if admin_secret else None
+
+    def _required(self, scope: Scope) -> tuple[bytes | None, str]:
+        """The secret this request needs (None: open) and what to call it in the 401."""
+        if self.admin_secret is not None and is_registry_write(scope["method"], scope["path"]):
+            return self.admin_secret, "the registry admin secret (ADMIN_SECRET)"
+        return self.secret, "secret"
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in OPEN_PATHS or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
+        required, what = self._required(scope)
         given = presented_secret(dict(scope["headers"]))
-        if given is not None and hmac.compare_digest(given, self.secret):
+        if required is None or (given is not None and hmac.compare_digest(given, required)):
             await self.app(scope, receive, send)
             return
         body = json.dumps(
             {
                 "error": {
                     "type": "unauthorized",
-                    "message": "missing or wrong secret: send X-SECRET-KEY or Authorization: Bearer",
+                    "message": f"missing or wrong {what}: send X-SECRET-KEY or Authorization: Bearer",
                 }
             }
         ).encode()

@@ -18,6 +18,8 @@ from infrastructure.errors import (
     PersonaDataError,
     PersonaError,
     QueueFullError,
+    ReadOnlyTraitError,
+    RegistryFullError,
     RequestTimeoutError,
     UnknownModelError,
     UnknownTraitError,
@@ -33,6 +35,8 @@ STATUS: list[tuple[type[PersonaError], int]] = [
     (UnknownVectorError, 404),
     (UnknownModelError, 404),
     (VectorExistsError, 409),
+    (ReadOnlyTraitError, 403),
+    (RegistryFullError, 409),
     (QueueFullError, 503),
     (EngineUnavailableError, 503),
     (RequestTimeoutError, 504),
@@ -45,6 +49,7 @@ STATUS: list[tuple[type[PersonaError], int]] = [
 HTTP_TYPES = {
     400: "invalid_request_error",
     401: "unauthorized",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     409: "conflict",
@@ -92,7 +97,8 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     type_ = HTTP_TYPES.get(exc.status_code, "http_error")
-    return JSONResponse(error_body(type_, str(exc.detail)), status_code=exc.status_code, headers=exc.headers)
+    param = "body" if exc.status_code == 413 else None  # the only 413 is the body-size limit
+    return JSONResponse(error_body(type_, str(exc.detail), param), status_code=exc.status_code, headers=exc.headers)
 
 
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -10,13 +11,15 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.routes import completion_chat, generate, health, openai, playground, traits, vectors
-from app.auth import SecretAuthMiddleware
+from app.auth import SecretAuthMiddleware, describe_auth
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimitMiddleware, install_rate_limit
 from app.metrics import install_metrics
 from app.request_id import RequestIdMiddleware, configure_logging
 from app.runtime import Runtime
 from app.settings import Settings
+
+log = logging.getLogger(__name__)
 
 DESCRIPTION = (
     "Steer language models at inference time: persona/trait vectors added to the residual stream "
@@ -33,6 +36,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         configure_logging(settings.log_format, settings.log_level)
+        log.info(describe_auth(settings.secret, settings.admin_secret))
         if runtime.engine is None and runtime.load_error is None:
             runtime.load_in_background()
         yield
@@ -51,8 +55,8 @@ def _add_middleware(app: FastAPI, settings: Settings, runtime: Runtime) -> None:
     """Innermost first: body size, rate limit, auth, CORS, metrics, request id (outermost)."""
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     install_rate_limit(app, settings.rate_limit)
-    if settings.secret:
-        app.add_middleware(SecretAuthMiddleware, secret=settings.secret)
+    if settings.secret or settings.admin_secret:
+        app.add_middleware(SecretAuthMiddleware, secret=settings.secret, admin_secret=settings.admin_secret)
     if settings.cors_origins:
         app.add_middleware(
             CORSMiddleware,

@@ -105,7 +105,8 @@ class RuntimeCollector:
         for name, doc, key in (
             ("persona_decode_steps", "Decode forwards run.", "steps"),
             ("persona_engine_tokens", "Tokens sampled by the engine (warm-up included).", "tokens"),
-            ("persona_failed_batches", "Decode batches that failed (their jobs got an error).", "failed_batches"),
+            ("persona_failed_batches", "Prefill or decode batches that failed (their jobs failed).", "failed_batches"),
+            ("persona_failed_rows", "Rows failed alone (non-finite logits); their batch went on.", "failed_rows"),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(stats.get(key, 0)))

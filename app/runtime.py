@@ -65,8 +65,8 @@ class Runtime:
             try:
                 folder = model_folder(s.persona_data_path, loaded.model_id)
                 self.axis = load_axis(folder, loaded.hidden_size, loaded.n_layers)
-            except PersonaDataError as exc:
-                self.axis_problem = exc.message
+            except PersonaDataError as exc:  # shown by /status: the setting's name, not the server's path
+                self.axis_problem = exc.message.replace(str(s.persona_data_path), "PERSONA_DATA_PATH")
         if s.fault_injection:
             engine.fault = build_fault(s.fault_injection)
         instrument_engine(engine)

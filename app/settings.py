@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -47,7 +47,21 @@ class Settings(BaseSettings):
     host: str = "0.0.0.0"
     port: int = Field(default=8000, ge=1, le=65535)
     workers: int = Field(default=1, ge=1)
-    secret: str | None = Field(default=None, validation_alias=AliasChoices("SECRET", "API_KEY"))
+    secret: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("SECRET", "secret"),
+        description="Shared secret every route but /health requires (API_KEY is read when SECRET is blank).",
+    )
+    api_key: str | None = Field(default=None, validation_alias=AliasChoices("API_KEY", "api_key"), repr=False)
+    admin_secret: str | None = Field(
+        default=None,
+        description="When set, registry writes (POST/DELETE /api/v1/vectors) need this secret instead of SECRET.",
+    )
+    forwarded_allow_ips: str = Field(
+        default="",
+        description="Comma-separated proxy addresses whose X-Forwarded-For / X-Forwarded-Proto are trusted "
+        "(uvicorn's forwarded_allow_ips); empty: forwarded headers are ignored, the peer address is the client.",
+    )
     cors_origins: list[str] = Field(default_factory=list)
 
     # --- generation defaults (seed 002) ---
@@ -70,6 +84,22 @@ class Settings(BaseSettings):
     max_vectors: int = Field(default=16, ge=1, description="Steering vectors per request.")
     max_layers: int = Field(default=16, ge=1, description="Distinct steered layers (hook sites) per request.")
     max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    max_steering_value: float = Field(
+        default=1e5,
+        gt=0,
+        le=1e30,
+        description="Largest |strength x vector element| (ADD) or |cap| (PROJECTION_CAP) a request may apply; "
+        "also capped at a quarter of the model dtype's range.",
+    )
+    registry_max_vectors: int = Field(default=256, ge=0, description="Vectors the registry holds at most.")
+    registry_max_file_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=1024, description="Largest control-vector file (GGUF / safetensors) upload."
+    )
+    raw_chat_templates: bool = Field(
+        default=False,
+        description="Let message contents carry chat-template control text (<|im_start|>...) as real special "
+        "tokens; off: contents are tokenised as plain text and cannot forge roles.",
+    )
     request_timeout_s: float = Field(default=600.0, gt=0, description="Time budget of one request.")
     shutdown_timeout_s: float = Field(default=30.0, ge=0, description="Grace period for in-flight work on stop.")
 
@@ -88,10 +118,26 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field(default="json", description="Log lines as JSON (with request ids).")
     log_level: str = Field(default="INFO")
 
-    @field_validator("model_name", "model_id", "override_model_id", "secret", mode="before")
+    @field_validator("model_name", "model_id", "override_model_id", mode="before")
     @classmethod
     def _blank_is_none(cls, value: object) -> object:
         return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("secret", "api_key", "admin_secret", mode="before")
+    @classmethod
+    def _stripped_secret(cls, value: object) -> object:
+        """Surrounding whitespace (a stray newline in a secrets file) is not part of a secret; blank means unset."""
+        if isinstance(value, str):
+            value = value.strip()
+            return value or None
+        return value
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> Settings:
+        """SECRET and API_KEY name one secret: a blank SECRET must not disable a configured API_KEY."""
+        if self.secret is None and self.api_key is not None:
+            self.secret = self.api_key
+        return self
 
     @field_validator("rate_limit")
     @classmethod

@@ -18,6 +18,24 @@ class InvalidRequestError(PersonaError):
     """A request that is well-formed JSON but cannot be served as asked."""
 
 
+class InvalidJSONError(InvalidRequestError):
+    """A body that is not JSON this server parses (malformed, nested too deep, duplicate keys, lone surrogates)."""
+
+    type = "invalid_json"
+
+
+class ReadOnlyTraitError(PersonaError):
+    """A shipped trait cannot be replaced or deleted through the API (it is every user's trait)."""
+
+    type = "read_only_trait"
+
+
+class RegistryFullError(PersonaError):
+    """The registry holds REGISTRY_MAX_VECTORS vectors already."""
+
+    type = "registry_full"
+
+
 class UnknownTraitError(PersonaError):
     type = "unknown_trait"
 

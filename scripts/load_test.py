@@ -37,6 +37,20 @@ BAD_BODIES = [
         "types": ["STEERED"],
         "vectors": [{"hook": "blocks.0.hook_resid_post", "strength": 1, "steering_vector": [1.0, 2.0]}],
     },  # noqa: E501
+    # issue 20's classes: each once failed neighbours or answered 500
+    {"prompt": [{"role": "user", "content": "hi"}], "temperature": 1e-40},
+    '{"prompt": [{"role": "user", "content": "\\ud800"}]}',  # raw JSON text: a lone surrogate escape
+    {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "types": ["STEERED", "DEFAULT"],
+        "strength_multiplier": 1e6,
+        "vectors": [{"hook": "blocks.3.hook_resid_post", "strength": 1e6, "steering_vector": [1e30] * 576}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "hi"}],
+        "types": ["STEERED"],
+        "vectors": [{"hook": "blocks.03.hook_resid_post", "strength": 1, "steering_vector": [0.0] * 576}],
+    },
 ]
 
 
@@ -136,8 +150,11 @@ async def stream_one(client: httpx.AsyncClient, body: dict, stop_after: int | No
         return "completed"
 
 
-async def bad_one(client: httpx.AsyncClient, body: dict) -> str:
-    response = await client.post(CHAT, json=body)
+async def bad_one(client: httpx.AsyncClient, body: dict | str) -> str:
+    if isinstance(body, str):  # JSON text httpx would not encode (it refuses lone surrogates)
+        response = await client.post(CHAT, content=body.encode(), headers={"content-type": "application/json"})
+    else:
+        response = await client.post(CHAT, json=body)
     shaped = 400 <= response.status_code < 500 and set(response.json()) == {"error"}
     return "bad_request" if shaped else "failed"
 

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from api.deps import RuntimeDep
+from api.disconnect import until_disconnected
 from api.routing import JSONRoute
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.openai import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, unsupported_field
@@ -37,11 +38,11 @@ async def refuse_unsupported(request: Request) -> None:
     dependencies=[Depends(refuse_unsupported)],
     responses={200: {"content": {"text/event-stream": {}}, "description": "chat.completion, or chunks if stream"}},
 )
-async def chat_completions(body: ChatCompletionRequest, runtime: RuntimeDep):
+async def chat_completions(body: ChatCompletionRequest, runtime: RuntimeDep, request: Request):
     """`steering` and `persona_monitoring` are extensions (pass them with the client's `extra_body`)."""
     if not body.stream:
-        return await complete(runtime, body)
-    chat, events = start(runtime, body)
+        return await until_disconnected(request, complete(runtime, body))
+    chat, events = await start(runtime, body)
     return StreamingResponse(sse(chat, events), media_type="text/event-stream", headers=SSE_HEADERS)
 
 

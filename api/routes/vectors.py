@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
+
 from fastapi import APIRouter, Query, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from api.deps import RuntimeDep
-from api.routing import JSONRoute
+from api.routing import JSONRoute, stdlib_json
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.vectors import (
     JSON_EXAMPLE,
@@ -18,8 +21,15 @@ from api.schemas.vectors import (
     VectorDetail,
     VectorList,
 )
-from api.services.vectors import create_from_file, create_from_json, delete_vector, list_vectors, vector_detail
-from infrastructure.errors import InvalidRequestError
+from api.services.vectors import (
+    create_from_file,
+    create_from_json,
+    delete_vector,
+    list_vectors,
+    parse_upload,
+    vector_detail,
+)
+from infrastructure.errors import InvalidJSONError, InvalidRequestError
 
 router = APIRouter(route_class=JSONRoute, prefix="/api/v1", tags=["Vector registry"], responses=ERROR_RESPONSES)
 
@@ -53,6 +63,44 @@ def _validated(model: type[RegistryOptions], data: object) -> RegistryOptions:
         raise RequestValidationError(exc.errors(include_url=False, include_context=False)) from exc
 
 
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    """JSON objects with a repeated key are refused: `{"10": a, "10": b}` must not silently keep b."""
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise json.JSONDecodeError(f"duplicate key {key[:40]!r}", "", 0)
+        seen[key] = value
+    return seen
+
+
+async def _json_body(request: Request) -> object:
+    """The registration body, parsed off the event loop (a few MB of floats) with duplicate keys refused."""
+    body = await request.body()
+    try:
+        return await asyncio.to_thread(stdlib_json, body, _unique_keys)
+    except ValueError as exc:
+        raise InvalidJSONError(f"malformed JSON: {exc}") from exc
+
+
+async def _upload(request: Request, runtime: RuntimeDep) -> VectorDetail:
+    form = await request.form()
+    fields = {k: v for k, v in form.multi_items() if k != "file"}
+    upload = form.get("file")
+    if not isinstance(upload, UploadFile):
+        raise InvalidRequestError("attach the control-vector file as the form field 'file'", "file")
+    opts = _validated(RegistryOptions, fields)
+    limit = runtime.settings.registry_max_file_bytes
+    if upload.size is not None and upload.size > limit:
+        raise InvalidRequestError(
+            f"the file has {upload.size} bytes; at most {limit} (REGISTRY_MAX_FILE_BYTES)", "file"
+        )
+    data = await upload.read(limit + 1)
+    if len(data) > limit:
+        raise InvalidRequestError(f"the file exceeds {limit} bytes (REGISTRY_MAX_FILE_BYTES)", "file")
+    parsed = await asyncio.to_thread(parse_upload, runtime, data)  # parsing never blocks other clients
+    return create_from_file(runtime, opts, parsed, upload.filename)
+
+
 @router.post(
     "/vectors",
     response_model=VectorDetail,
@@ -64,18 +112,10 @@ async def create(request: Request, runtime: RuntimeDep) -> VectorDetail:
     """JSON floats, or a multipart upload of a control-vector file, depending on the Content-Type."""
     content_type = request.headers.get("content-type", "")
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-        form = await request.form()
-        fields = {k: v for k, v in form.multi_items() if k != "file"}
-        upload = form.get("file")
-        if not isinstance(upload, UploadFile):
-            raise InvalidRequestError("attach the control-vector file as the form field 'file'", "file")
-        opts = _validated(RegistryOptions, fields)
-        return create_from_file(runtime, opts, await upload.read(), upload.filename)
-    try:
-        payload = await request.json()
-    except ValueError as exc:
-        raise InvalidRequestError(f"malformed JSON: {exc}") from exc
-    return create_from_json(runtime, _validated(VectorCreateRequest, payload))
+        return await _upload(request, runtime)
+    payload = await _json_body(request)
+    body = await asyncio.to_thread(_validated, VectorCreateRequest, payload)
+    return create_from_json(runtime, body)
 
 
 @router.get("/vectors", response_model=VectorList, summary="List the registered vectors")

@@ -2,7 +2,22 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict
+
+MIN_TEMPERATURE = 1e-3
+
+
+def _greedy_or_sane(value: float | None) -> float | None:
+    """0 is greedy; a positive temperature below MIN_TEMPERATURE (1e-40, any subnormal) makes logits / T
+    overflow to inf and the sampler fail, so it is refused here instead of reaching the model."""
+    if value is not None and 0 < value < MIN_TEMPERATURE:
+        raise ValueError(f"use 0 for greedy decoding or a temperature of at least {MIN_TEMPERATURE}")
+    return value
+
+
+Temperature = Annotated[float, AfterValidator(_greedy_or_sane)]
 
 
 class StrictModel(BaseModel):

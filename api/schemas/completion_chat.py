@@ -6,7 +6,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from api.schemas.common import StrictModel
+from api.schemas.common import StrictModel, Temperature
 
 SteerType = Literal["STEERED", "DEFAULT"]
 
@@ -58,7 +58,7 @@ class CompletionChatRequest(StrictModel):
     vectors: list[SteerVector] = Field(default_factory=list, max_length=256)
     strength_multiplier: float = Field(default=1.0, ge=-1e6, le=1e6)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    temperature: float = Field(default=0.7, ge=0.0, le=5.0, description="0 = greedy.")
+    temperature: Temperature = Field(default=0.7, ge=0.0, le=5.0, description="0 = greedy.")
     freq_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI-style frequency penalty.")
     n_completion_tokens: int = Field(default=512, ge=1, le=1_000_000, description="Max new tokens.")
     steer_method: Literal["SIMPLE_ADDITIVE", "PROJECTION_CAP"] = "SIMPLE_ADDITIVE"

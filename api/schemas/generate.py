@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from api.schemas.common import StrictModel, Usage
+from api.schemas.common import StrictModel, Temperature, Usage
 
 SEED_EXAMPLE = {
     "prompt": "What do you think about women in engineering?",
@@ -17,7 +17,9 @@ SEED_EXAMPLE = {
 class SamplingFields(StrictModel):
     prompt: str = Field(min_length=1, description="One user turn, rendered with the model's chat template.")
     max_tokens: int | None = Field(default=None, ge=1, description="New tokens (default MAX_TOKENS).")
-    temperature: float | None = Field(default=None, ge=0.0, le=5.0, description="0 = greedy (default TEMPERATURE).")
+    temperature: Temperature | None = Field(
+        default=None, ge=0.0, le=5.0, description="0 = greedy (default TEMPERATURE)."
+    )
     top_p: float | None = Field(default=None, gt=0.0, le=1.0, description="Nucleus mass (default TOP_P).")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Same seed => same text.")
 

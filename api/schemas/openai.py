@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from api.schemas.common import StrictModel, Usage
+from api.schemas.common import StrictModel, Temperature, Usage
 
 # OpenAI fields this server does not implement: refused with a 400 naming the field, never ignored.
 UNSUPPORTED_FIELDS = (
@@ -96,7 +96,9 @@ class ChatCompletionRequest(StrictModel):
     n: int = Field(default=1, ge=1, le=64, description="Choices, generated as rows of one batch.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Choice i samples with seed + i.")
-    temperature: float | None = Field(default=None, ge=0.0, le=2.0, description="0 = greedy (default TEMPERATURE).")
+    temperature: Temperature | None = Field(
+        default=None, ge=0.0, le=2.0, description="0 = greedy (default TEMPERATURE)."
+    )
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
@@ -114,16 +116,18 @@ class ChatCompletionRequest(StrictModel):
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         return tuple(s for s in stops if s)
 
-    @model_validator(mode="after")
-    def _stops(self) -> ChatCompletionRequest:
-        if isinstance(self.stop, list) and len(self.stop) > 4:
-            raise ValueError("stop: at most 4 strings")
-        return self
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(stop, list) and len(stop) > 4:  # a field validator, so the 422 names `stop`
+            raise ValueError("at most 4 strings")
+        return stop
 
 
 class AxisTurn(BaseModel):
     pc_values: dict[str, float | None]
     snippet: str
+    non_finite: bool | None = Field(default=None, description="True when the turn's value was NaN/inf (null).")
 
 
 class AssistantAxisEntry(BaseModel):

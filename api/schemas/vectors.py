@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from api.schemas.common import StrictModel
+from infrastructure.steering.layers import layer_number
 
 NAME_PATTERN = r"^[a-z0-9_-]{1,64}$"
 MAX_FLOATS = 65536
@@ -39,6 +40,15 @@ class VectorCreateRequest(RegistryOptions):
     layer: int | None = Field(default=None, ge=0, description="Decoder layer whose output the vector steers.")
     hook: str | None = Field(default=None, max_length=100, examples=["blocks.15.hook_resid_post"])
     vectors: dict[int, list[float]] | None = Field(default=None, min_length=1, max_length=1024)
+
+    @field_validator("vectors", mode="before")
+    @classmethod
+    def _canonical_layers(cls, value: object) -> object:
+        """Layer keys in one spelling ("10", not "010" or "+10"), so two keys never merge into one layer."""
+        if isinstance(value, dict):
+            for key in value:
+                layer_number(key)
+        return value
 
     @model_validator(mode="after")
     def _one_form(self) -> VectorCreateRequest:

@@ -6,7 +6,6 @@ HTTP can answer a 4xx; afterwards failures become an error frame (stream) or rai
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import AsyncIterator
@@ -14,11 +13,12 @@ from dataclasses import dataclass
 
 from api.schemas.completion_chat import CompletionChatRequest
 from api.services.completion_chat_frames import AxisView, ChatContext, assistant_axis, error_frame, final_frame, frame
-from api.services.generate import check_new_tokens, check_prompt_tokens, model_shape
+from api.services.finite import dumps
+from api.services.generate import check_new_tokens, model_shape, render_prompt, render_prompt_now
 from app.runtime import Runtime
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowFinished, RowRequest, RowToken, SamplingParams
 from infrastructure.errors import InvalidRequestError, PersonaError
-from infrastructure.prompting import RenderedPrompt, render_chat
+from infrastructure.prompting import RenderedPrompt
 from infrastructure.steering.resolve import VectorRef, resolve_steering
 from infrastructure.steering.spec import Capture, Method, SteeringSpec
 
@@ -92,15 +92,15 @@ def build_rows(
     ]
 
 
-def prepare(runtime: Runtime, body: CompletionChatRequest) -> PreparedChat:
-    """Validate and resolve everything (vectors, hooks, token limits) before any model work."""
-    engine = runtime.require_engine()
+def prepare(runtime: Runtime, body: CompletionChatRequest, prompt: RenderedPrompt | None = None) -> PreparedChat:
+    """Validate and resolve everything (vectors, hooks, token limits) before any model work; `prompt`: the
+    messages already rendered off the event loop (`render_prompt`)."""
+    runtime.require_engine()
     if "STEERED" in body.types and not body.vectors:
         raise InvalidRequestError("STEERED needs at least one vector", "vectors")
     steering = resolve_vectors(runtime, body) if body.vectors else None
     messages = [m.model_dump() for m in body.prompt]
-    prompt = render_chat(engine.tokenizer, messages)
-    check_prompt_tokens(runtime, len(prompt.ids))
+    prompt = prompt or render_prompt_now(runtime, messages)
     rows = build_rows(runtime, body, prompt, steering)
     axis = runtime.axis
     spans = [s for m, s in zip(messages, prompt.spans) if m["role"] == "assistant"]
@@ -143,7 +143,8 @@ async def frames_of(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIt
 
 async def start_completion_chat(runtime: Runtime, body: CompletionChatRequest) -> AsyncIterator[dict]:
     """Validate, submit the job (queue limits raise here), and return its frame stream."""
-    chat = prepare(runtime, body)
+    prompt = await render_prompt(runtime, [m.model_dump() for m in body.prompt])
+    chat = prepare(runtime, body, prompt)
     job = GenerationJob(chat.rows, timeout_s=runtime.settings.request_timeout_s)
     events = runtime.require_engine().submit(job)
     return frames_of(chat, events)
@@ -169,7 +170,7 @@ async def sse_data(frames: AsyncIterator[dict]) -> AsyncIterator[bytes]:
     stream = guarded(frames)
     try:
         async for item in stream:
-            yield b"data: " + json.dumps(item, ensure_ascii=False).encode() + b"\n\n"
+            yield b"data: " + dumps(item).encode() + b"\n\n"
     finally:
         await stream.aclose()
 

@@ -5,6 +5,7 @@ the final one adds `assistant_axis` (or an empty list plus `assistant_axis_unava
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -64,7 +65,11 @@ def axis_entry(type_: str, axis: AxisView, turn_values: Sequence[list[float]], s
     turns = []
     for values, text in zip(turn_values, snippets):
         value = axis.value(values)
-        turns.append({"pc_values": {axis.title: None if value is None else round(value, 6)}, "snippet": snippet(text)})
+        turn = {"pc_values": {axis.title: None if value is None else round(value, 6)}, "snippet": snippet(text)}
+        if value is not None and not math.isfinite(value):  # JSON has no NaN: null, and say why
+            turn["pc_values"][axis.title] = None
+            turn["non_finite"] = True
+        turns.append(turn)
     return {"type": type_, "pc_titles": [axis.title], "turns": turns}
 
 

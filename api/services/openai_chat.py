@@ -21,11 +21,11 @@ from api.schemas.openai import (
     SteeringIn,
 )
 from api.services.completion_chat_frames import AxisView, axis_entry, turn_projections
-from api.services.generate import check_new_tokens, check_prompt_tokens, model_shape
+from api.services.generate import check_new_tokens, model_shape, render_prompt, render_prompt_now
 from app.runtime import Runtime
 from infrastructure.engine.job import Event, GenerationJob, RowFinished, RowRequest, SamplingParams
 from infrastructure.errors import UnknownModelError
-from infrastructure.prompting import RenderedPrompt, render_chat
+from infrastructure.prompting import RenderedPrompt
 from infrastructure.steering.resolve import VectorRef, resolve_steering
 from infrastructure.steering.spec import Capture, Method, SteeringSpec
 
@@ -111,14 +111,14 @@ def sampling_of(runtime: Runtime, body: ChatCompletionRequest, choice: int) -> S
     )
 
 
-def prepare(runtime: Runtime, body: ChatCompletionRequest) -> PreparedChat:
-    """Validate and resolve everything before any model work."""
-    engine = runtime.require_engine()
+def prepare(runtime: Runtime, body: ChatCompletionRequest, prompt: RenderedPrompt | None = None) -> PreparedChat:
+    """Validate and resolve everything before any model work; `prompt`: the messages already rendered off
+    the event loop (`render_prompt`)."""
+    runtime.require_engine()
     model = served_model(runtime, body.model)
     steering = steering_of(runtime, body.steering)
     messages = [m.as_dict() for m in body.messages]
-    prompt = render_chat(engine.tokenizer, messages)
-    check_prompt_tokens(runtime, len(prompt.ids), "messages")
+    prompt = prompt or render_prompt_now(runtime, messages, "messages")
     axis = runtime.axis if body.persona_monitoring else None
     captures = (Capture(AXIS_CAPTURE, axis.layer, axis.direction),) if axis is not None else ()
     rows = [RowRequest(prompt.ids, sampling_of(runtime, body, i), steering, captures) for i in range(body.n)]
@@ -155,9 +155,13 @@ def usage_of(chat: PreparedChat, done: list[RowFinished]) -> Usage:
     return Usage(prompt_tokens=chat.prompt_len, completion_tokens=completion, total_tokens=chat.prompt_len + completion)
 
 
+async def rendered(runtime: Runtime, body: ChatCompletionRequest) -> RenderedPrompt:
+    return await render_prompt(runtime, [m.as_dict() for m in body.messages], "messages")
+
+
 async def complete(runtime: Runtime, body: ChatCompletionRequest) -> ChatCompletion:
     """A non-streaming chat.completion."""
-    chat = prepare(runtime, body)
+    chat = prepare(runtime, body, await rendered(runtime, body))
     done = await runtime.require_engine().collect(
         GenerationJob(chat.rows, timeout_s=runtime.settings.request_timeout_s)
     )
@@ -172,8 +176,8 @@ async def complete(runtime: Runtime, body: ChatCompletionRequest) -> ChatComplet
     )
 
 
-def start(runtime: Runtime, body: ChatCompletionRequest) -> tuple[PreparedChat, AsyncIterator[Event]]:
+async def start(runtime: Runtime, body: ChatCompletionRequest) -> tuple[PreparedChat, AsyncIterator[Event]]:
     """Validate and submit (queue limits raise here); the caller turns the events into chunks."""
-    chat = prepare(runtime, body)
+    chat = prepare(runtime, body, await rendered(runtime, body))
     job = GenerationJob(chat.rows, timeout_s=runtime.settings.request_timeout_s)
     return chat, runtime.require_engine().submit(job)

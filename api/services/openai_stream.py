@@ -7,10 +7,10 @@ chunk that finishes the last choice."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import AsyncIterator
 
+from api.services.finite import dumps
 from api.services.openai_chat import PreparedChat, axis_fields, usage_of
 from infrastructure.engine.job import Event, JobFailed, RowFinished, RowToken
 from infrastructure.errors import PersonaError
@@ -79,9 +79,9 @@ async def sse(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIterator
     stream = chunks(chat, events)
     try:
         async for item in stream:
-            yield f"data: {json.dumps(item, ensure_ascii=False)}\n\n"
+            yield f"data: {dumps(item)}\n\n"
     except Exception as exc:
-        yield f"data: {json.dumps(_error(exc), ensure_ascii=False)}\n\n"
+        yield f"data: {dumps(_error(exc))}\n\n"
     finally:
         await stream.aclose()
         await events.aclose()

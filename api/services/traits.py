@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 from api.schemas.traits import StatusResponse, TraitDetail, TraitsResponse, TraitSummary
 from app.runtime import Runtime
@@ -33,8 +34,8 @@ def trait_detail(runtime: Runtime, name: str) -> TraitDetail:
         **trait_summary(trait),
         norms=trait.norms(),
         metadata=trait.metadata,
-        vector_file=str(trait.source),
-        prompts_file=str(trait.prompts_file) if trait.prompts_file else None,
+        vector_file=Path(trait.source).name,  # file names only: answers do not reveal the server's paths
+        prompts_file=trait.prompts_file.name if trait.prompts_file else None,
     )
 
 

@@ -30,11 +30,18 @@ from infrastructure.errors import (
     HookOutOfRangeError,
     InvalidHookError,
     InvalidRequestError,
+    ReadOnlyTraitError,
+    RegistryFullError,
     UnknownVectorError,
     VectorExistsError,
 )
 from infrastructure.steering.sites import EMBEDDINGS_SITE, check_vector, parse_hook
-from infrastructure.storage.control_vectors import LAYER_CONVENTION, read_control_vector, vectors_from_floats
+from infrastructure.storage.control_vectors import (
+    LAYER_CONVENTION,
+    ControlVectorFile,
+    read_control_vector,
+    vectors_from_floats,
+)
 from infrastructure.storage.traits import Trait
 
 REGISTRY = "registry"
@@ -54,34 +61,44 @@ def _persisted(trait: Trait) -> bool:
 
 def _summary(trait: Trait) -> dict:
     registered = is_registered(trait)
+    persisted = _persisted(trait)
     return trait_summary(trait) | {
         "origin": REGISTRY if registered else "shipped",
         "format": trait.metadata.get("format") if registered else None,
-        "persisted": _persisted(trait),
-        "file": str(trait.source) if _persisted(trait) else None,
+        "persisted": persisted,
+        # relative to VECTORS_DIR: answers never reveal the server's directory layout
+        "file": f"{REGISTRY}/{Path(trait.source).name}" if persisted and registered else None,
     }
 
 
 def _check_name(runtime: Runtime, opts: RegistryOptions) -> Trait | None:
-    """The trait this registration replaces (None if the name is free); refuses what it must not replace."""
+    """The registered vector this registration replaces (None if the name is free). Shipped traits are
+    read-only: replacing one would change it for every user of the server."""
     existing = runtime.traits.traits.get(opts.name)
     if existing is None:
+        limit = runtime.settings.registry_max_vectors
+        if sum(map(is_registered, runtime.traits.traits.values())) >= limit:
+            raise RegistryFullError(
+                f"the registry holds {limit} vectors (REGISTRY_MAX_VECTORS); delete one first", "name"
+            )
         return None
-    kind = "registered vector" if is_registered(existing) else "shipped trait"
+    if not is_registered(existing):
+        raise ReadOnlyTraitError(
+            f"{opts.name!r} is a shipped trait; shipped traits are read-only through the API, pick another name",
+            "name",
+        )
     if not opts.overwrite:
-        raise VectorExistsError(f"a {kind} named {opts.name!r} exists; send overwrite: true to replace it", "name")
-    if opts.persist and not is_registered(existing):
-        raise InvalidRequestError(
-            f"a persisted vector cannot shadow the shipped trait file {existing.source}; "
-            "pick another name or send persist: false",
-            "persist",
+        raise VectorExistsError(
+            f"a registered vector named {opts.name!r} exists; send overwrite: true to replace it", "name"
         )
     return existing
 
 
 def _check_vectors(runtime: Runtime, vectors: dict[int, torch.Tensor], params: dict[int, tuple[str, str]]) -> None:
-    """Every layer in range, every vector of the model's hidden size and finite; errors name the field."""
+    """Every layer in range, every vector of the model's hidden size, finite and within MAX_STEERING_VALUE;
+    errors name the field."""
     shape = model_shape(runtime)
+    limit = runtime.settings.max_steering_value
     for layer, vector in vectors.items():
         layer_param, values_param = params[layer]
         if not 0 <= layer < shape.n_layers:
@@ -89,6 +106,12 @@ def _check_vectors(runtime: Runtime, vectors: dict[int, torch.Tensor], params: d
                 f"layer {layer} is out of range: the model has layers 0..{shape.n_layers - 1}", layer_param
             )
         check_vector(vector, shape.hidden_size, values_param)
+        biggest = float(vector.abs().max())
+        if biggest > limit:
+            raise InvalidRequestError(
+                f"a value reaches {biggest:.3g}; registered vectors stay within {limit:.3g} (MAX_STEERING_VALUE)",
+                values_param,
+            )
 
 
 def _write(path: Path, trait: Trait) -> None:
@@ -101,7 +124,7 @@ def _write(path: Path, trait: Trait) -> None:
         "metadata": trait.metadata,
     }
     tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data))
+    tmp.write_text(json.dumps(data, allow_nan=False))  # a file other parsers can read: no NaN
     os.replace(tmp, path)
 
 
@@ -147,12 +170,19 @@ def create_from_json(runtime: Runtime, body: VectorCreateRequest) -> VectorDetai
     return _register(runtime, body, vectors, {"format": "json"})
 
 
-def create_from_file(runtime: Runtime, opts: RegistryOptions, data: bytes, filename: str | None) -> VectorDetail:
-    """Register a repeng / llama.cpp control vector (GGUF or safetensors), all its layers."""
-    runtime.require_engine()
+def parse_upload(runtime: Runtime, data: bytes) -> ControlVectorFile:
+    """Parse and check a control-vector file (CPU work on a few MB: the route runs it off the event loop)."""
     parsed = read_control_vector(data, "file")
     _check_vectors(runtime, parsed.vectors, {layer: ("file", "file") for layer in parsed.vectors})
-    meta = {"format": parsed.format, "filename": filename, "file_metadata": parsed.metadata}
+    return parsed
+
+
+def create_from_file(
+    runtime: Runtime, opts: RegistryOptions, parsed: ControlVectorFile, filename: str | None
+) -> VectorDetail:
+    """Register a parsed repeng / llama.cpp control vector (GGUF or safetensors), all its layers."""
+    runtime.require_engine()
+    meta = {"format": parsed.format, "filename": (filename or "")[:200] or None, "file_metadata": parsed.metadata}
     return _register(runtime, opts, parsed.vectors, meta)
 
 
@@ -181,9 +211,7 @@ def delete_vector(runtime: Runtime, name: str) -> VectorDeleted:
     if trait is None:
         raise UnknownVectorError(f"no registered vector named {name!r}", "name")
     if not is_registered(trait):
-        raise InvalidRequestError(
-            f"{name!r} is a shipped trait ({trait.source}); only registered vectors can be deleted"
-        )
+        raise ReadOnlyTraitError(f"{name!r} is a shipped trait; only registered vectors can be deleted", "name")
     removed = False
     if _persisted(trait) and Path(trait.source).parent.resolve() == registry_dir(runtime).resolve():
         Path(trait.source).unlink()

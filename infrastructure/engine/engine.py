@@ -71,6 +71,7 @@ class PersonaEngine(RowLifecycle):
         self.broken: str | None = None
         self.started_at = time.time()
         self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "last_batch": 0, "max_batch": 0, "failed_batches": 0}
+        self.stats["failed_rows"] = 0  # rows failed alone by the sampler's guard (non-finite logits)
         self._pending: deque[GenerationJob] = deque()
         self._cv = threading.Condition()
         self._rows: list[Row] = []
@@ -224,8 +225,9 @@ class PersonaEngine(RowLifecycle):
                 self.fault("prefill")
             logits = run_forward(self.model, steering, ids, attention, positions, cache)
             record_captures(rows, steering.captured, prefill=True)
-            tokens = sample(logits, [r.sampler for r in rows])
+            tokens = self._fail_rows(rows, sample(logits, [r.sampler for r in rows]))
         except Exception as exc:
+            self.stats["failed_batches"] += 1  # a failed prefill is a failed batch too
             self._fail_jobs(jobs, exc)
             return
         self.stats["prefills"] += 1
@@ -245,7 +247,7 @@ class PersonaEngine(RowLifecycle):
                 self._launch(rows, [r.generated[-1] for r in rows])
             logits, captured = self._batch.collect()
             record_captures(rows, captured, prefill=False)
-            tokens = sample(logits, [r.sampler for r in rows])
+            tokens = self._fail_rows(rows, sample(logits, [r.sampler for r in rows]))
             self._batch.next_token = torch.tensor(tokens, device=self.loaded.device)
             if ahead and self._may_run_ahead(rows, tokens):
                 self._launch(rows, tokens)

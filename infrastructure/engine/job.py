@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import threading
 import time
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -69,6 +70,47 @@ class JobFailed:
 Event = RowToken | RowFinished | JobFailed
 
 
+class EventChannel:
+    """A job's events waiting for their consumer, on the event loop; bounded whatever the consumer does.
+
+    Each RowToken carries the row's cumulative text, so an unbounded queue behind a stalled client held
+    O(tokens x text) memory. Here a row's token events that the consumer has not taken yet merge into one
+    (the latest token and cumulative text, the deltas joined): the channel holds at most one token event
+    per row plus the terminal events, and a slow reader simply receives bigger steps. The engine never
+    blocks on a reader (the row keeps its batch slot and its time budget, REQUEST_TIMEOUT_S, still runs)."""
+
+    def __init__(self) -> None:
+        self._items: deque[Event] = deque()
+        self._waiting: dict[int, tuple[RowToken, list[str]]] = {}  # row -> its queued token event, deltas
+        self._ready = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def put(self, event: Event) -> None:
+        if isinstance(event, RowToken):
+            queued = self._waiting.get(event.row)
+            if queued is not None:  # merge into the row's event still waiting
+                token, deltas = queued
+                token.token_id, token.text = event.token_id, event.text
+                deltas.append(event.delta)
+                return
+            self._waiting[event.row] = (event, [event.delta])
+        self._items.append(event)
+        self._ready.set()
+
+    async def get(self) -> Event:
+        while not self._items:
+            self._ready.clear()
+            await self._ready.wait()
+        event = self._items.popleft()
+        if isinstance(event, RowToken):
+            _, deltas = self._waiting.pop(event.row)
+            if len(deltas) > 1:
+                event.delta = "".join(deltas)
+        return event
+
+
 class GenerationJob:
     """A request's rows plus the channel its events travel on, from the inference thread to the loop."""
 
@@ -79,11 +121,11 @@ class GenerationJob:
         self.submitted_at = time.monotonic()
         self._cancelled = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._queue: asyncio.Queue[Event] | None = None
+        self._queue: EventChannel | None = None
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
-        self._queue = asyncio.Queue()
+        self._queue = EventChannel()
 
     @property
     def cancelled(self) -> bool:
@@ -96,10 +138,10 @@ class GenerationJob:
     def emit(self, event: Event) -> None:
         """Called on the inference thread; hands the event to the event loop without blocking."""
         if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+            self._loop.call_soon_threadsafe(self._queue.put, event)
 
     def _deliver(self, event: Event) -> None:
-        self._queue.put_nowait(event)
+        self._queue.put(event)
 
     async def events(self) -> AsyncIterator[Event]:
         """Yield events until every row finished or the job failed; cancel the job if abandoned."""

@@ -41,6 +41,8 @@ class RowLifecycle:
         """Give every row its token; the step's events go to the event loop(s) in one hand-over."""
         events: list[tuple[GenerationJob, Event]] = []
         for row, token in zip(rows, tokens):
+            if row.finish_reason is not None:  # failed by `_fail_rows` in this step
+                continue
             event = row.accept(token)
             if event is not None:
                 events.append((row.job, event))
@@ -71,6 +73,21 @@ class RowLifecycle:
         if len(keep) != len(self._rows):
             self._rows = [self._rows[i] for i in self._batch.select(keep)]
             self._steering = None
+
+    def _fail_rows(self, rows: list[Row], tokens: list[int | None]) -> list[int]:
+        """Rows the sampler could not serve (None: non-finite logits) fail their own job only; the step's
+        other rows keep their tokens. Returns every row's token, the pad id standing in for failed rows."""
+        failed = {id(row.job): row.job for row, token in zip(rows, tokens) if token is None}
+        for row, token in zip(rows, tokens):
+            if token is None:
+                row.finish_reason = "failed"
+                self.stats["failed_rows"] = self.stats.get("failed_rows", 0) + 1
+        for job in failed.values():
+            log.warning("job %d: non-finite logits, its rows are dropped (the rest of the batch goes on)", job.id)
+            error = GenerationError("generation failed: the model produced non-finite values for this request")
+            job.emit(JobFailed(error))
+            job.cancel()
+        return [self.pad_id if token is None else token for token in tokens]
 
     def _fail_batch(self, rows: list[Row], exc: BaseException) -> None:
         """A step failed: every job with a row in it fails, and the batch starts over empty."""

@@ -47,13 +47,21 @@ def top_p_filter(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
     return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
 
 
-def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
-    """Choose the next token of every row from float32 logits [B,V]."""
+def unusable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """[B] bool: rows whose logits cannot be sampled from (a NaN or +inf anywhere, or every logit -inf),
+    e.g. after a steering vector overflowed the row's residual stream."""
+    return (torch.isnan(logits) | torch.isposinf(logits)).any(dim=-1) | torch.isneginf(logits).all(dim=-1)
+
+
+def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int | None]:
+    """Choose the next token of every row from float32 logits [B,V]. A row whose logits or probabilities
+    are not finite gets None instead of a token: only that row fails, its neighbours in the batch go on."""
     logits = (
         torch.stack([s.penalise(row) for s, row in zip(samplers, logits)])
         if any(s.counts is not None for s in samplers)
         else logits
     )
+    broken = unusable_rows(logits)
     chosen = logits.argmax(dim=-1)
     hot = [i for i, s in enumerate(samplers) if s.generator is not None]
     if hot:
@@ -62,6 +70,13 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int]:
         top_p = torch.tensor([samplers[i].params.top_p for i in hot], device=logits.device)
         scaled = top_p_filter(logits[idx] / temps.unsqueeze(-1), top_p)
         probs = scaled.softmax(dim=-1)
+        broken[idx] |= ~torch.isfinite(probs).all(dim=-1)
+        bad = broken.tolist()
         for j, i in enumerate(hot):
-            chosen[i] = torch.multinomial(probs[j], 1, generator=samplers[i].generator)[0]
-    return chosen.tolist()
+            if bad[i]:
+                continue
+            try:
+                chosen[i] = torch.multinomial(probs[j], 1, generator=samplers[i].generator)[0]
+            except RuntimeError:  # a distribution multinomial refuses: this row fails, not the batch
+                broken[i] = True
+    return [None if b else t for t, b in zip(chosen.tolist(), broken.tolist())]

@@ -5,6 +5,7 @@ checks shapes and values, and applies the formulas (see spec.py)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,6 +41,27 @@ class VectorRef:
 class ModelShape:
     hidden_size: int
     n_layers: int
+    max_value: float = math.inf  # largest |c*v_i| (ADD) or |tau| (CAP) a request may apply
+
+
+def steering_value_limit(dtype: torch.dtype, configured: float) -> float:
+    """The largest steering value per element: the configured MAX_STEERING_VALUE, and never more than a
+    quarter of the model dtype's range (fp16 tops out at 65,504; a residual of that size is already inf
+    after one addition), so an overflowing request is refused before it reaches the sampler."""
+    dtype_max = torch.finfo(dtype).max if dtype.is_floating_point else torch.finfo(torch.float32).max
+    return min(float(configured), dtype_max / 4)
+
+
+def check_magnitude(op: SteeringOp, limit: float, param: str) -> None:
+    """Refuse an operation whose scaled values are non-finite or beyond `limit` (see steering_value_limit)."""
+    value = abs(op.tau) if op.method is Method.CAP else float(op.vector.abs().max())
+    if not math.isfinite(value) or value > limit:
+        shown = "overflows" if not math.isfinite(value) else f"reaches {value:.3g}"
+        raise InvalidRequestError(
+            f"the scaled steering vector {shown}; each element of strength x vector must stay within "
+            f"{limit:.3g} (MAX_STEERING_VALUE, bounded by the model dtype)",
+            param,
+        )
 
 
 def _vector_of(ref: VectorRef, traits: TraitStore, shape: ModelShape) -> tuple[int, torch.Tensor]:
@@ -65,9 +87,9 @@ def resolve_op(ref: VectorRef, traits: TraitStore, shape: ModelShape) -> Steerin
     must_normalise = ref.normalize or ref.method is Method.CAP
     param = ref.field(ref.values_field if ref.trait is None else "trait")
     check_vector(vector, shape.hidden_size, param, allow_zero=not must_normalise)
-    if ref.method is Method.CAP:
-        return cap_op(site, vector, ref.scale)
-    return add_op(site, vector, ref.scale, normalize=ref.normalize)
+    op = cap_op(site, vector, ref.scale) if ref.method is Method.CAP else add_op(site, vector, ref.scale, ref.normalize)
+    check_magnitude(op, shape.max_value, ref.param or "scalar")
+    return op
 
 
 def resolve_steering(

@@ -13,9 +13,10 @@ from infrastructure.errors import (
     NonFiniteVectorError,
     VectorShapeError,
 )
+from infrastructure.steering.layers import LAYER_DIGITS
 
 EMBEDDINGS_SITE = -1
-_HOOK_RE = re.compile(r"^blocks\.(\d+)\.hook_resid_(post|pre)$")
+_HOOK_RE = re.compile(rf"blocks\.({LAYER_DIGITS})\.hook_resid_(post|pre)", re.ASCII)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -42,7 +43,7 @@ def parse_hook(hook: str | int, n_layers: int, param: str = "hook") -> int:
     if isinstance(hook, int):
         layer, kind = hook, "post"
     else:
-        match = _HOOK_RE.match(hook.strip())
+        match = _HOOK_RE.fullmatch(hook.strip())
         if match is None:
             raise InvalidHookError(
                 f"unknown hook {hook!r}: use 'blocks.L.hook_resid_post' or 'blocks.L.hook_resid_pre'", param

@@ -16,6 +16,7 @@ service's trait files, so no shift is applied.
 
 from __future__ import annotations
 
+import math
 import re
 import struct
 import tempfile
@@ -26,9 +27,12 @@ import numpy as np
 import torch
 
 from infrastructure.errors import InvalidRequestError
+from infrastructure.steering.layers import LAYER_DIGITS
+from infrastructure.storage.gguf_layout import check_gguf_layout
 
 GGUF_MAGIC = b"GGUF"
-_LAYER_KEY = re.compile(r"^(?:(?:model\.)?layers?|direction)?[._]?(\d+)$")
+_LAYER_KEY = re.compile(rf"(?:(?:model\.)?layers?|direction)?[._]?({LAYER_DIGITS})", re.ASCII)
+MAX_TENSORS = 1024  # more layers than any served model has
 LAYER_CONVENTION = "layer N = output of decoder layer N (blocks.N.hook_resid_post), as llama.cpp and repeng"
 
 
@@ -43,19 +47,26 @@ class ControlVectorFile:
 
 def layer_of_key(key: str, param: str = "file") -> int:
     """The layer number a tensor name stands for (see the module docstring for accepted forms)."""
-    match = _LAYER_KEY.match(key.strip())
+    match = _LAYER_KEY.fullmatch(key)
     if match is None:
+        shown = key if len(key) <= 60 else key[:57] + "..."
         raise InvalidRequestError(
-            f"tensor {key!r} does not name a layer: use 'N', 'layers.N', 'layer_N', 'model.layers.N' or 'direction.N'",
+            f"tensor {shown!r} does not name a layer: use 'N', 'layers.N', 'layer_N', 'model.layers.N' or "
+            "'direction.N' (N in ASCII digits, no leading zero)",
             param,
         )
     return int(match.group(1))
 
 
 def _collect(named: list[tuple[str, torch.Tensor]], param: str) -> dict[int, torch.Tensor]:
+    if len(named) > MAX_TENSORS:
+        raise InvalidRequestError(f"the file holds {len(named)} tensors; at most {MAX_TENSORS} (one per layer)", param)
     vectors: dict[int, torch.Tensor] = {}
     for key, tensor in named:
         layer = layer_of_key(key, param)
+        if not tensor.is_floating_point():  # BOOL / I64 tensors are masks or ids, not directions
+            dtype = str(tensor.dtype).removeprefix("torch.")
+            raise InvalidRequestError(f"tensor {key!r} is {dtype}; expected floats", param)
         if tensor.dim() != 1:
             raise InvalidRequestError(f"tensor {key!r} has shape {list(tensor.shape)}; expected one vector", param)
         if layer in vectors:
@@ -78,7 +89,8 @@ def read_safetensors(data: bytes, param: str = "file") -> ControlVectorFile:
 
 
 def _gguf_fields(reader) -> dict:
-    """The file's string and integer metadata (architecture, model hint, layer count)."""
+    """The file's string and number metadata (architecture, model hint, layer count). Non-finite floats are
+    dropped: they would make the registry's JSON (answers and persisted files) invalid."""
     out = {}
     for name, fld in reader.fields.items():
         if name.startswith("GGUF.") or not fld.data:
@@ -86,6 +98,8 @@ def _gguf_fields(reader) -> dict:
         try:
             value = fld.contents()
         except Exception:  # array or unknown field types: not needed here
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
             continue
         if isinstance(value, (str, int, float)):
             out[name] = value
@@ -103,6 +117,7 @@ def _check_float(reader, param: str) -> None:
 def read_gguf(data: bytes, param: str = "file") -> ControlVectorFile:
     from gguf import GGUFReader
 
+    check_gguf_layout(data, param)  # every declared count bounded before the reader acts on it
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "control.gguf"
         path.write_bytes(data)
@@ -112,7 +127,7 @@ def read_gguf(data: bytes, param: str = "file") -> ControlVectorFile:
             named = [(t.name, torch.from_numpy(np.array(t.data, dtype=np.float32)).flatten()) for t in reader.tensors]
             dims = {t.name: [int(d) for d in t.shape if int(d) != 1] for t in reader.tensors}
             meta = _gguf_fields(reader)
-        except (ValueError, KeyError, IndexError, struct.error, TypeError) as exc:
+        except (ValueError, KeyError, IndexError, struct.error, TypeError, OverflowError) as exc:
             raise InvalidRequestError(f"unreadable GGUF file: {exc}", param) from exc
     for name, shape in dims.items():
         if len(shape) > 1:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from infrastructure.errors import HookOutOfRangeError, UnknownTraitError
+from infrastructure.steering.layers import layer_number
 
 log = logging.getLogger(__name__)
 
@@ -59,9 +60,8 @@ class TraitStore:
 
     def get(self, name: str, param: str = "trait") -> Trait:
         trait = self.traits.get(name)
-        if trait is None:
-            known = ", ".join(sorted(self.traits)) or "none"
-            raise UnknownTraitError(f"unknown trait {name!r}; available: {known}", param)
+        if trait is None:  # the names are listed by GET /api/v1/traits, not echoed into every 404
+            raise UnknownTraitError(f"unknown trait {name!r}; GET /api/v1/traits lists the available ones", param)
         return trait
 
     def add(self, trait: Trait) -> None:
@@ -70,13 +70,17 @@ class TraitStore:
 
 def _parse(path: Path, prompts_dir: Path, model_ids: set[str], hidden: int, n_layers: int) -> Trait:
     data = json.loads(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("vectors") or {}, dict):
+        raise ValueError("not a trait file: expected an object with a 'vectors' object")
     name = data.get("trait_name") or path.stem
+    if not isinstance(name, str):
+        raise ValueError("trait_name is not a string")
     model_name = str(data.get("model_name", ""))
     if model_ids and model_name not in model_ids:
         raise ValueError(f"extracted for {model_name or 'an unnamed model'}, loaded {sorted(model_ids)[0]}")
     vectors: dict[int, torch.Tensor] = {}
     for key, values in (data.get("vectors") or {}).items():
-        layer, vec = int(key), torch.tensor(values, dtype=torch.float32)
+        layer, vec = layer_number(key), torch.tensor(values, dtype=torch.float32)
         if vec.shape != (hidden,):
             raise ValueError(f"layer {key} vector has {vec.numel()} values, the model's hidden size is {hidden}")
         if not 0 <= layer < n_layers:
@@ -87,6 +91,8 @@ def _parse(path: Path, prompts_dir: Path, model_ids: set[str], hidden: int, n_la
     if not vectors:
         raise ValueError("no vectors")
     metadata = data.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise ValueError("metadata is not an object")
     prompts = prompts_dir / f"{name}_trait.json"
     description = metadata.get("description", "")
     if prompts.is_file() and not description:
@@ -95,16 +101,22 @@ def _parse(path: Path, prompts_dir: Path, model_ids: set[str], hidden: int, n_la
 
 
 def load_traits(vectors_dir: Path, prompts_dir: Path, model_ids: set[str], hidden: int, n_layers: int) -> TraitStore:
-    """Every `*.json` under vectors_dir that fits this model (hidden size, layers, model id)."""
+    """Every `*.json` under vectors_dir that fits this model (hidden size, layers, model id).
+
+    A file that cannot be used, whatever the reason, is skipped and reported (by its path relative to
+    vectors_dir, so /status does not reveal the server's directory layout); it never fails the start."""
     store = TraitStore()
-    for path in sorted(Path(vectors_dir).rglob("*.json")):
+    root = Path(vectors_dir)
+    for path in sorted(root.rglob("*.json")):
+        shown = path.relative_to(root).as_posix()
         try:
             trait = _parse(path, Path(prompts_dir), model_ids, hidden, n_layers)
-        except (ValueError, TypeError, json.JSONDecodeError) as exc:
-            store.skipped[str(path)] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - one bad file must not keep the server unhealthy
+            store.skipped[shown] = f"{type(exc).__name__}: {exc}"[:300]
             continue
         if trait.name in store.traits:
-            store.skipped[str(path)] = f"duplicate trait {trait.name!r} (kept {store.traits[trait.name].source})"
+            kept = store.traits[trait.name].source.relative_to(root).as_posix()
+            store.skipped[shown] = f"duplicate trait {trait.name!r} (kept {kept})"
             continue
         store.add(trait)
     log.info("traits loaded: %s; skipped: %d", sorted(store.traits), len(store.skipped))

@@ -12,13 +12,15 @@ import uvicorn
 
 
 @contextmanager
-def serve(app, timeout: float = 30.0) -> Iterator[str]:
-    """Run uvicorn on 127.0.0.1 (a free port) in a daemon thread; yields the base URL."""
+def serve(app, timeout: float = 30.0, server: uvicorn.Server | None = None) -> Iterator[str]:
+    """Run uvicorn (or `server`, built around `app`) on 127.0.0.1 (a free port) in a daemon thread; yields
+    the base URL."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    if server is None:
+        server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="live-server", daemon=True)
     thread.start()
     deadline = time.monotonic() + timeout

@@ -150,7 +150,7 @@ async def test_persist_writes_seed_format_and_reloads(api, vectors_dir):
     r = await api.post("/api/v1/vectors", json={**body, "persist": True})
     assert r.status_code == 201, r.text
     path = vectors_dir / "registry" / "kept.json"
-    assert r.json()["persisted"] is True and r.json()["file"] == str(path)
+    assert r.json()["persisted"] is True and r.json()["file"] == "registry/kept.json"  # no server paths
     saved = json.loads(path.read_text())
     assert saved["trait_name"] == "kept" and saved["model_name"] == MODEL and sorted(saved["vectors"]) == ["10", "20"]
     reloaded = load_traits(vectors_dir, vectors_dir, {MODEL}, 576, 30).get("kept")
@@ -162,14 +162,16 @@ async def test_persist_writes_seed_format_and_reloads(api, vectors_dir):
 
 async def test_names_and_overwrite(api):
     one = {"layer": 10, "vector": VEC.tolist()}
-    r = await api.post("/api/v1/vectors", json={"name": "shipped-trait", **one})
-    assert r.status_code == 409 and r.json()["error"]["param"] == "name"
-    r = await api.post("/api/v1/vectors", json={"name": "shipped-trait", **one, "overwrite": True, "persist": True})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "persist"
+    # shipped traits are read-only through the API (issue 20, item 3): with or without overwrite / persist
+    for extra in ({}, {"overwrite": True}, {"overwrite": True, "persist": True}):
+        r = await api.post("/api/v1/vectors", json={"name": "shipped-trait", **one, **extra})
+        assert r.status_code == 403 and r.json()["error"]["type"] == "read_only_trait", r.text
+        assert r.json()["error"]["param"] == "name"
     r = await api.post("/api/v1/vectors", json={"name": "Bad Name", **one})
     assert r.status_code == 422 and r.json()["error"]["param"] == "name"
     r = await api.delete("/api/v1/vectors/shipped-trait")
-    assert r.status_code == 400 and "shipped" in r.json()["error"]["message"]
+    assert r.status_code == 403 and "shipped" in r.json()["error"]["message"]
+    assert "/" not in r.json()["error"]["message"]  # no server path in the answer
     r = await api.post("/api/v1/vectors", json={"name": "dup", **one})
     assert r.status_code == 201
     assert (await api.post("/api/v1/vectors", json={"name": "dup", **one})).status_code == 409

@@ -41,7 +41,7 @@ async def test_streamed_chunked_body_is_counted(small_app):
         response = await c.post(BASELINE, content=chunks(), headers={"content-type": "application/json"})
     assert "content-length" not in response.request.headers
     error = assert_error_shape(response, 413, "payload_too_large")
-    assert "MAX_BODY_BYTES" in error["message"]
+    assert "MAX_BODY_BYTES" in error["message"] and error["param"] == "body"  # as the declared-length 413
 
 
 async def test_small_chunked_body_passes(small_app):
