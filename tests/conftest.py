@@ -68,3 +68,16 @@ async def client(app):
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
         yield c
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers from what a test needs: `slow` on every test that uses the real model (so
+    `pytest -m 'not slow'` is the seconds-long part), and `gpu` tests skipped without CUDA."""
+    import torch
+
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "loaded_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)

@@ -11,39 +11,49 @@ from api.deps import RuntimeDep
 from api.routing import JSONRoute
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.vectors import (
-    JSON_EXAMPLE,
     RegistryOptions,
     VectorCreateRequest,
     VectorDeleted,
     VectorDetail,
     VectorList,
+    json_example,
 )
 from api.services.vectors import create_from_file, create_from_json, delete_vector, list_vectors, vector_detail
 from infrastructure.errors import InvalidRequestError
 
 router = APIRouter(route_class=JSONRoute, prefix="/api/v1", tags=["Vector registry"], responses=ERROR_RESPONSES)
 
+# Defaults a form can send back as they are: an empty field means "not given" (see _form_fields), so
+# Swagger UI's untouched inputs register the file with the middle one of its layers as the default.
 _UPLOAD_SCHEMA = {
     "type": "object",
     "required": ["name", "file"],
     "properties": {
-        "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
+        "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$", "example": "my-control-vector"},
         "file": {"type": "string", "format": "binary", "description": "GGUF (llama.cpp, repeng) or safetensors"},
-        "description": {"type": "string"},
-        "default_layer": {"type": "integer"},
-        "persist": {"type": "boolean"},
-        "overwrite": {"type": "boolean"},
+        "description": {"type": "string", "default": ""},
+        "default_layer": {
+            "type": "integer",
+            "description": "A layer of the file used when a request names none; empty: the middle one of its layers.",
+        },
+        "persist": {"type": "boolean", "default": False},
+        "overwrite": {"type": "boolean", "default": False},
     },
 }
 _BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": VectorCreateRequest.model_json_schema(), "example": JSON_EXAMPLE},
+            "application/json": {"schema": VectorCreateRequest.model_json_schema(), "example": json_example()},
             "multipart/form-data": {"schema": _UPLOAD_SCHEMA},
         },
     }
 }
+
+
+def _form_fields(form) -> dict[str, str]:
+    """The form's fields but the file; an empty field is not given (HTML and Swagger UI send untouched inputs empty)."""
+    return {k: v for k, v in form.multi_items() if k != "file" and v != ""}
 
 
 def _validated(model: type[RegistryOptions], data: object) -> RegistryOptions:
@@ -65,7 +75,7 @@ async def create(request: Request, runtime: RuntimeDep) -> VectorDetail:
     content_type = request.headers.get("content-type", "")
     if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
         form = await request.form()
-        fields = {k: v for k, v in form.multi_items() if k != "file"}
+        fields = _form_fields(form)
         upload = form.get("file")
         if not isinstance(upload, UploadFile):
             raise InvalidRequestError("attach the control-vector file as the form field 'file'", "file")

@@ -15,17 +15,8 @@ from infrastructure.persona.axis_data import AssistantAxis
 from infrastructure.storage.traits import Trait
 from tests.api.live_server import serve
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 ARTIFACT = Path(__file__).resolve().parents[2] / "test-artifacts" / "playground.png"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SECRET = "playground-secret"
@@ -51,18 +42,6 @@ def page_runtime(settings, loaded_model, engine):
 def base_url(page_runtime):
     with serve(create_app(runtime=page_runtime)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}: install it with `apt-get install -y chromium`")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _fill_conversation(page) -> None:

@@ -17,6 +17,8 @@ from infrastructure.model_loader import load_model
 from infrastructure.persona.axis_data import model_folder, save_axis
 from infrastructure.steering.hooks import our_hooks
 
+pytestmark = pytest.mark.slow  # builds and loads an 80-layer, 8,192-wide model on the CPU
+
 LOGICAL = "casperhansen/llama-3.3-70b-instruct-awq"
 HIDDEN, LAYERS, AXIS_LAYER = 8192, 80, 40
 URL = "/v1/steer/completion-chat"

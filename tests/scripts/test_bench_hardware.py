@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the script end to end
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # tiny llama (hidden 64, MLP 128, 4 query / 2 KV heads of 16, vocab 49408, untied): parameters per decoder layer

@@ -75,6 +75,7 @@ def table_rows(stdout: str) -> dict[tuple[str, str], str]:
     return rows
 
 
+@pytest.mark.slow  # the smoke run
 def test_table_has_every_row_with_a_positive_number(smoke):
     stdout, _ = smoke
     rows = table_rows(stdout)
@@ -87,6 +88,7 @@ def test_table_has_every_row_with_a_positive_number(smoke):
         assert float(value.replace(",", "")) > 0, key
 
 
+@pytest.mark.slow  # the smoke run
 def test_every_request_decoded_its_forced_length(smoke):
     _, numbers = smoke
     for name in ("w2_steered", "w2_unsteered", "w2_one_at_a_time", "w4_monitoring_off", "w4_monitoring_on"):
@@ -96,6 +98,7 @@ def test_every_request_decoded_its_forced_length(smoke):
     assert numbers["w1"]["tokens"] == numbers["new_tokens"]
 
 
+@pytest.mark.slow  # the smoke run
 def test_trace_accounts_for_every_request(smoke):
     _, numbers = smoke
     for name in ("w2_steered", "w2_unsteered", "w4_monitoring_off", "w4_monitoring_on"):
@@ -104,6 +107,7 @@ def test_trace_accounts_for_every_request(smoke):
     assert numbers["w2_one_at_a_time"]["prefill_rows"] == [1, 1, 1]  # max_batch_size=1: one prefill per request
 
 
+@pytest.mark.slow  # the smoke run
 def test_monitoring_rides_only_on_w4(smoke):
     _, numbers = smoke
     assert numbers["w4_monitoring_on"]["axis_frames"] == 3
@@ -111,6 +115,7 @@ def test_monitoring_rides_only_on_w4(smoke):
     assert numbers["w3"]["ratio"] > 0 and numbers["w3"]["repeats"] == 1
 
 
+@pytest.mark.slow  # the smoke run
 def test_json_and_table_agree(smoke):
     stdout, numbers = smoke
     assert numbers["table"] in stdout

@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the script end to end against a real server
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
