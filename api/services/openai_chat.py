@@ -22,7 +22,7 @@ from api.schemas.openai import (
 )
 from api.services.completion_chat_frames import AxisView, axis_entry, turn_projections
 from api.services.generate import check_new_tokens, check_prompt_tokens, model_shape
-from app.runtime import Runtime
+from api.services.ports import Serving
 from infrastructure.engine.job import Event, GenerationJob, RowFinished, RowRequest, SamplingParams
 from infrastructure.errors import UnknownModelError
 from infrastructure.prompting import RenderedPrompt, render_chat
@@ -53,7 +53,7 @@ class PreparedChat:
         return len(self.prompt.ids)
 
 
-def served_model(runtime: Runtime, requested: str | None) -> str:
+def served_model(runtime: Serving, requested: str | None) -> str:
     """The served id; the weights id is accepted too, anything else is `model_not_found`."""
     loaded = runtime.loaded
     if requested is None or requested in (loaded.model_id, loaded.weights_id):
@@ -61,17 +61,17 @@ def served_model(runtime: Runtime, requested: str | None) -> str:
     raise UnknownModelError(f"The model {requested!r} does not exist; this server serves {loaded.model_id!r}", "model")
 
 
-def list_models(runtime: Runtime) -> ModelList:
+def list_models(runtime: Serving) -> ModelList:
     runtime.require_engine()
     return ModelList(data=[ModelCard(id=runtime.loaded.model_id, created=int(runtime.started_at))])
 
 
-def model_card(runtime: Runtime, model: str) -> ModelCard:
+def model_card(runtime: Serving, model: str) -> ModelCard:
     runtime.require_engine()
     return ModelCard(id=served_model(runtime, model), created=int(runtime.started_at))
 
 
-def steering_of(runtime: Runtime, steering: SteeringIn | None) -> SteeringSpec | None:
+def steering_of(runtime: Serving, steering: SteeringIn | None) -> SteeringSpec | None:
     """The `steering` extension as a SteeringSpec (errors name e.g. `steering.vectors.0.layer`)."""
     if steering is None:
         return None
@@ -95,7 +95,7 @@ def steering_of(runtime: Runtime, steering: SteeringIn | None) -> SteeringSpec |
     )
 
 
-def sampling_of(runtime: Runtime, body: ChatCompletionRequest, choice: int) -> SamplingParams:
+def sampling_of(runtime: Serving, body: ChatCompletionRequest, choice: int) -> SamplingParams:
     """Choice i samples with seed + i, so choices differ and a seeded request is reproducible."""
     s = runtime.settings
     new_tokens = body.max_completion_tokens or body.max_tokens or s.max_tokens
@@ -111,7 +111,7 @@ def sampling_of(runtime: Runtime, body: ChatCompletionRequest, choice: int) -> S
     )
 
 
-def prepare(runtime: Runtime, body: ChatCompletionRequest) -> PreparedChat:
+def prepare(runtime: Serving, body: ChatCompletionRequest) -> PreparedChat:
     """Validate and resolve everything before any model work."""
     engine = runtime.require_engine()
     model = served_model(runtime, body.model)
@@ -155,7 +155,7 @@ def usage_of(chat: PreparedChat, done: list[RowFinished]) -> Usage:
     return Usage(prompt_tokens=chat.prompt_len, completion_tokens=completion, total_tokens=chat.prompt_len + completion)
 
 
-async def complete(runtime: Runtime, body: ChatCompletionRequest) -> ChatCompletion:
+async def complete(runtime: Serving, body: ChatCompletionRequest) -> ChatCompletion:
     """A non-streaming chat.completion."""
     chat = prepare(runtime, body)
     done = await runtime.require_engine().collect(
@@ -172,7 +172,7 @@ async def complete(runtime: Runtime, body: ChatCompletionRequest) -> ChatComplet
     )
 
 
-def start(runtime: Runtime, body: ChatCompletionRequest) -> tuple[PreparedChat, AsyncIterator[Event]]:
+def start(runtime: Serving, body: ChatCompletionRequest) -> tuple[PreparedChat, AsyncIterator[Event]]:
     """Validate and submit (queue limits raise here); the caller turns the events into chunks."""
     chat = prepare(runtime, body)
     job = GenerationJob(chat.rows, timeout_s=runtime.settings.request_timeout_s)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from api.schemas.traits import StatusResponse, TraitDetail, TraitsResponse, TraitSummary
-from app.runtime import Runtime
+from api.services.ports import ServerState, Serving
 from infrastructure.steering.hooks import our_hooks
 from infrastructure.storage.traits import Trait
 
@@ -21,12 +21,12 @@ def trait_summary(trait: Trait) -> dict:
     }
 
 
-def list_traits(runtime: Runtime) -> TraitsResponse:
+def list_traits(runtime: Serving) -> TraitsResponse:
     runtime.require_engine()
     return TraitsResponse(traits=[TraitSummary(**trait_summary(t)) for _, t in sorted(runtime.traits.traits.items())])
 
 
-def trait_detail(runtime: Runtime, name: str) -> TraitDetail:
+def trait_detail(runtime: Serving, name: str) -> TraitDetail:
     runtime.require_engine()
     trait = runtime.traits.get(name, "name")
     return TraitDetail(
@@ -38,7 +38,7 @@ def trait_detail(runtime: Runtime, name: str) -> TraitDetail:
     )
 
 
-def status(runtime: Runtime) -> StatusResponse:
+def status(runtime: ServerState) -> StatusResponse:
     loaded, engine = runtime.loaded, runtime.engine
     return StatusResponse(
         status=runtime.state,

@@ -24,8 +24,8 @@ from api.schemas.vectors import (
     VectorSummary,
 )
 from api.services.generate import model_shape
+from api.services.ports import Serving
 from api.services.traits import trait_summary
-from app.runtime import Runtime
 from infrastructure.errors import (
     HookOutOfRangeError,
     InvalidHookError,
@@ -40,7 +40,7 @@ from infrastructure.storage.traits import Trait
 REGISTRY = "registry"
 
 
-def registry_dir(runtime: Runtime) -> Path:
+def registry_dir(runtime: Serving) -> Path:
     return Path(runtime.settings.vectors_dir) / REGISTRY
 
 
@@ -62,7 +62,7 @@ def _summary(trait: Trait) -> dict:
     }
 
 
-def _check_name(runtime: Runtime, opts: RegistryOptions) -> Trait | None:
+def _check_name(runtime: Serving, opts: RegistryOptions) -> Trait | None:
     """The trait this registration replaces (None if the name is free); refuses what it must not replace."""
     existing = runtime.traits.traits.get(opts.name)
     if existing is None:
@@ -79,7 +79,7 @@ def _check_name(runtime: Runtime, opts: RegistryOptions) -> Trait | None:
     return existing
 
 
-def _check_vectors(runtime: Runtime, vectors: dict[int, torch.Tensor], params: dict[int, tuple[str, str]]) -> None:
+def _check_vectors(runtime: Serving, vectors: dict[int, torch.Tensor], params: dict[int, tuple[str, str]]) -> None:
     """Every layer in range, every vector of the model's hidden size and finite; errors name the field."""
     shape = model_shape(runtime)
     for layer, vector in vectors.items():
@@ -105,7 +105,7 @@ def _write(path: Path, trait: Trait) -> None:
     os.replace(tmp, path)
 
 
-def _register(runtime: Runtime, opts: RegistryOptions, vectors: dict[int, torch.Tensor], meta: dict) -> VectorDetail:
+def _register(runtime: Serving, opts: RegistryOptions, vectors: dict[int, torch.Tensor], meta: dict) -> VectorDetail:
     replaced = _check_name(runtime, opts)
     if opts.default_layer is not None and opts.default_layer not in vectors:
         raise HookOutOfRangeError(f"default_layer {opts.default_layer} is not among {sorted(vectors)}", "default_layer")
@@ -129,7 +129,7 @@ def _register(runtime: Runtime, opts: RegistryOptions, vectors: dict[int, torch.
     return vector_detail(runtime, opts.name)
 
 
-def create_from_json(runtime: Runtime, body: VectorCreateRequest) -> VectorDetail:
+def create_from_json(runtime: Serving, body: VectorCreateRequest) -> VectorDetail:
     runtime.require_engine()
     if body.vector is not None:
         if body.hook is not None:
@@ -147,7 +147,7 @@ def create_from_json(runtime: Runtime, body: VectorCreateRequest) -> VectorDetai
     return _register(runtime, body, vectors, {"format": "json"})
 
 
-def create_from_file(runtime: Runtime, opts: RegistryOptions, data: bytes, filename: str | None) -> VectorDetail:
+def create_from_file(runtime: Serving, opts: RegistryOptions, data: bytes, filename: str | None) -> VectorDetail:
     """Register a repeng / llama.cpp control vector (GGUF or safetensors), all its layers."""
     runtime.require_engine()
     parsed = read_control_vector(data, "file")
@@ -156,13 +156,13 @@ def create_from_file(runtime: Runtime, opts: RegistryOptions, data: bytes, filen
     return _register(runtime, opts, parsed.vectors, meta)
 
 
-def list_vectors(runtime: Runtime) -> VectorList:
+def list_vectors(runtime: Serving) -> VectorList:
     runtime.require_engine()
     traits = sorted(runtime.traits.traits.values(), key=lambda t: t.name)
     return VectorList(vectors=[VectorSummary(**_summary(t)) for t in traits if is_registered(t)])
 
 
-def vector_detail(runtime: Runtime, name: str, values: bool = False, layer: int | None = None) -> VectorDetail:
+def vector_detail(runtime: Serving, name: str, values: bool = False, layer: int | None = None) -> VectorDetail:
     """A registered vector or shipped trait; its floats with `values` (only `layer` when given)."""
     runtime.require_engine()
     trait = runtime.traits.get(name, "name")
@@ -175,7 +175,7 @@ def vector_detail(runtime: Runtime, name: str, values: bool = False, layer: int 
     return VectorDetail(**_summary(trait), norms=trait.norms(), metadata=trait.metadata, values=floats)
 
 
-def delete_vector(runtime: Runtime, name: str) -> VectorDeleted:
+def delete_vector(runtime: Serving, name: str) -> VectorDeleted:
     runtime.require_engine()
     trait = runtime.traits.traits.get(name)
     if trait is None:

@@ -27,7 +27,7 @@ FIXED = 2 * 49408 * 64 + 64
 def test_tiny_run_fills_the_table_and_extrapolates_the_70b_shape(tmp_path):
     out, scratch = tmp_path / "out", tmp_path / "scratch"
     scratch.mkdir()
-    command = [sys.executable, "scripts/bench_hardware.py", "--tiny", "--device", "cpu", "--archs", "llama-3.3-70b"]
+    command = [sys.executable, "-m", "scripts.bench_hardware", "--tiny", "--device", "cpu", "--archs", "llama-3.3-70b"]
     command += ["--layers-70b", "2", "--quantizations", "none", "--new-tokens", "24", "--clients", "2"]
     command += ["--prompt-tokens", "8", "--out", str(out)]
     env = os.environ | {

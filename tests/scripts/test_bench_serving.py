@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.bench_archs import ARCHS, arch_config
+from scripts.bench_client import CHAT_ROUTE, percentile
 
-from bench_archs import ARCHS, arch_config  # noqa: E402
-from bench_client import CHAT_ROUTE, percentile  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED_ROWS = [
     ("W1 one client, steered", "decode tokens/s"),
@@ -55,7 +54,7 @@ def smoke(tmp_path_factory) -> tuple[str, dict]:
         pytest.skip(f"{CHAT_ROUTE} is not served yet")
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     done = subprocess.run(
-        [sys.executable, "scripts/bench_serving.py", "--smoke", "--device", "cpu", "--json", str(out)],
+        [sys.executable, "-m", "scripts.bench_serving", "--smoke", "--device", "cpu", "--json", str(out)],
         cwd=ROOT,
         env=os.environ | {"MODEL_CACHE_DIR": str(ROOT / "data" / "models")},
         capture_output=True,

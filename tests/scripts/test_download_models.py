@@ -10,17 +10,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "download_models.py"
-REAL_CACHE = ROOT / "data" / "models"
+from scripts import download_models
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import download_models  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+REAL_CACHE = ROOT / "data" / "models"
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "scripts.download_models", *args],
         cwd=ROOT,
         env=os.environ | env,
         capture_output=True,
