@@ -20,16 +20,15 @@ from api.schemas.openai import (
     ModelList,
     SteeringIn,
 )
-from api.services.completion_chat_frames import AxisView, axis_entry, turn_projections
+from api.services.chat_common import AXIS_CAPTURE, AxisMonitor, axis_captures, axis_monitor
 from api.services.generate import check_new_tokens, check_prompt_tokens, model_shape
 from api.services.ports import Serving
 from infrastructure.engine.job import Event, GenerationJob, RowFinished, RowRequest, SamplingParams
 from infrastructure.errors import UnknownModelError
-from infrastructure.prompting import RenderedPrompt, render_chat
+from infrastructure.prompting import render_chat
 from infrastructure.steering.resolve import VectorRef, resolve_steering
-from infrastructure.steering.spec import Capture, Method, SteeringSpec
+from infrastructure.steering.spec import Method, Positions, SteeringSpec
 
-AXIS_CAPTURE = "assistant_axis"
 SEED_SPACE = 2**63
 
 
@@ -41,16 +40,10 @@ class PreparedChat:
     created: int
     model: str
     rows: list[RowRequest]
-    messages: list[dict]
-    prompt: RenderedPrompt
-    monitor: bool
-    axis: AxisView | None
-    axis_problem: str | None
+    prompt_len: int
+    monitor: bool  # persona_monitoring asked
+    axes: AxisMonitor
     include_usage: bool
-
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt.ids)
 
 
 def served_model(runtime: Serving, requested: str | None) -> str:
@@ -91,7 +84,12 @@ def steering_of(runtime: Serving, steering: SteeringIn | None) -> SteeringSpec |
     ]
     s = runtime.settings
     return resolve_steering(
-        refs, runtime.traits, model_shape(runtime), max_vectors=s.max_vectors, max_layers=s.max_layers
+        refs,
+        runtime.traits,
+        model_shape(runtime),
+        positions=Positions(steering.positions),
+        max_vectors=s.max_vectors,
+        max_layers=s.max_layers,
     )
 
 
@@ -120,18 +118,16 @@ def prepare(runtime: Serving, body: ChatCompletionRequest) -> PreparedChat:
     prompt = render_chat(engine.tokenizer, messages)
     check_prompt_tokens(runtime, len(prompt.ids), "messages")
     axis = runtime.axis if body.persona_monitoring else None
-    captures = (Capture(AXIS_CAPTURE, axis.layer, axis.direction),) if axis is not None else ()
+    captures = axis_captures(axis)
     rows = [RowRequest(prompt.ids, sampling_of(runtime, body, i), steering, captures) for i in range(body.n)]
     return PreparedChat(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model,
         rows=rows,
-        messages=messages,
-        prompt=prompt,
+        prompt_len=len(prompt.ids),
         monitor=body.persona_monitoring,
-        axis=AxisView(axis.title, axis.value) if axis is not None else None,
-        axis_problem=runtime.axis_problem or "assistant-axis monitoring is unavailable",
+        axes=axis_monitor(axis, runtime.axis_problem, messages, prompt),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
 
@@ -139,14 +135,12 @@ def prepare(runtime: Serving, body: ChatCompletionRequest) -> PreparedChat:
 def axis_fields(chat: PreparedChat, done: dict[int, RowFinished]) -> dict:
     """`assistant_axis` (one entry per choice, one turn per assistant turn incl. the new one), or
     an empty list and `assistant_axis_unavailable` saying why."""
-    if chat.axis is None:
-        return {"assistant_axis": [], "assistant_axis_unavailable": chat.axis_problem}
-    spans = [s for m, s in zip(chat.messages, chat.prompt.spans) if m["role"] == "assistant"]
-    prior = [m["content"] for m in chat.messages if m["role"] == "assistant"]
-    entries = []
-    for i in sorted(done):
-        turns = turn_projections(done[i].captures.get(AXIS_CAPTURE, []), spans, chat.prompt_len)
-        entries.append({**axis_entry("completion", chat.axis, turns, [*prior, done[i].text]), "index": i})
+    if chat.axes.axis is None:
+        return {"assistant_axis": [], "assistant_axis_unavailable": chat.axes.problem}
+    entries = [
+        {**chat.axes.entry("completion", done[i].captures.get(AXIS_CAPTURE, []), done[i].text), "index": i}
+        for i in sorted(done)
+    ]
     return {"assistant_axis": entries}
 
 
