@@ -45,13 +45,23 @@ def engine(loaded_model: LoadedModel):
 
 
 @pytest.fixture(scope="session")
-def runtime(settings: Settings, loaded_model: LoadedModel, engine: PersonaEngine):
-    """The app's runtime around the session engine (the app does not own or stop it)."""
+def make_runtime(loaded_model: LoadedModel, engine: PersonaEngine):
+    """A runtime around the session model with settings overrides (`secret`, `vectors_dir`, ...) and the
+    session engine, or `engine=` another one; the app never owns or stops it. The one place tests attach."""
     from app.runtime import Runtime
 
-    rt = Runtime(settings, owns_engine=False)
-    rt.attach(loaded_model, engine)
-    return rt
+    def build(engine_override: PersonaEngine | None = None, **overrides):
+        rt = Runtime(Settings(_env_file=None, **overrides), owns_engine=False)
+        rt.attach(loaded_model, engine_override or engine)
+        return rt
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def runtime(make_runtime):
+    """The app's runtime around the session engine."""
+    return make_runtime()
 
 
 @pytest.fixture(scope="session")
@@ -63,10 +73,9 @@ def app(runtime):
 
 @pytest.fixture
 async def client(app):
-    import httpx
+    from tests.helpers import client_for
 
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+    async with client_for(app) as c:
         yield c
 
 

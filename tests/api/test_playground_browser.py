@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from app.factory import create_app
-from app.runtime import Runtime
 from infrastructure.persona.axis_data import AssistantAxis
 from infrastructure.storage.traits import Trait
 from tests.api.live_server import serve
@@ -28,10 +27,9 @@ def _unit(seed: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def page_runtime(settings, loaded_model, engine):
+def page_runtime(make_runtime):
     """Its own runtime: auth on, one synthetic trait, and a synthetic assistant axis (so the chart has data)."""
-    rt = Runtime(settings.model_copy(update={"secret": SECRET}), owns_engine=False)
-    rt.attach(loaded_model, engine)
+    rt = make_runtime(secret=SECRET)
     vectors = {10: _unit(21) * 60, 15: _unit(22) * 60}
     rt.traits.add(Trait("friendly", MODEL, vectors, {"recommended_layer": 10}, Path("<test>"), description="synthetic"))
     rt.axis, rt.axis_problem = AssistantAxis(MODEL, 15, _unit(23), torch.zeros(576)), None
