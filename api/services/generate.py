@@ -4,29 +4,13 @@ from __future__ import annotations
 
 from api.schemas.common import Usage
 from api.schemas.generate import AppliedTrait, BaselineRequest, GenerateRequest, GenerateResponse
+
+# the shared checks, also importable from here until completion_chat.py imports them from checks.py
+from api.services.checks import check_new_tokens, check_prompt_tokens, model_shape
 from api.services.ports import Serving
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
-from infrastructure.errors import InvalidRequestError, TokenLimitError
 from infrastructure.prompting import render_chat
-from infrastructure.steering.resolve import ModelShape, VectorRef, resolve_steering
-
-
-def model_shape(runtime: Serving) -> ModelShape:
-    return ModelShape(runtime.loaded.hidden_size, runtime.loaded.n_layers)
-
-
-def check_new_tokens(runtime: Serving, value: int, param: str) -> int:
-    limit = runtime.settings.max_new_tokens_limit
-    if value > limit:
-        raise InvalidRequestError(f"{value} new tokens exceed the limit of {limit} (MAX_NEW_TOKENS_LIMIT)", param)
-    return value
-
-
-def check_prompt_tokens(runtime: Serving, n_tokens: int, param: str = "prompt") -> None:
-    limit = runtime.settings.token_limit
-    if n_tokens > limit:
-        raise TokenLimitError(f"Text too long: {n_tokens} tokens, max is {limit} (TOKEN_LIMIT)", param)
-    runtime.require_engine().check_prompt(n_tokens, param)
+from infrastructure.steering.resolve import VectorRef, resolve_steering
 
 
 def sampling_from(runtime: Serving, body: BaselineRequest | GenerateRequest) -> SamplingParams:

@@ -21,7 +21,7 @@ from api.schemas.openai import (
     SteeringIn,
 )
 from api.services.chat_common import AXIS_CAPTURE, AxisMonitor, axis_captures, axis_monitor
-from api.services.generate import check_new_tokens, check_prompt_tokens, model_shape
+from api.services.checks import check_new_tokens, check_prompt_tokens, model_shape
 from api.services.ports import Serving
 from infrastructure.engine.job import Event, GenerationJob, RowFinished, RowRequest, SamplingParams
 from infrastructure.errors import UnknownModelError

@@ -23,7 +23,7 @@ from api.schemas.vectors import (
     VectorList,
     VectorSummary,
 )
-from api.services.generate import model_shape
+from api.services.checks import model_shape
 from api.services.ports import Serving
 from api.services.traits import trait_summary
 from infrastructure.errors import (

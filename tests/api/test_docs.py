@@ -1,9 +1,20 @@
 """/docs and /redoc point at assets the server serves itself (no CDN); the asset route serves only
-its four files."""
+its four files. No model is loaded: these are part of the fast tests."""
 
 from __future__ import annotations
 
 import pytest
+
+from app.factory import create_app
+from app.settings import Settings
+from tests.helpers import client_for
+
+
+@pytest.fixture
+async def client():
+    """The app before any model is loaded (the lifespan does not run here): the pages need none."""
+    async with client_for(create_app(Settings(_env_file=None))) as c:
+        yield c
 
 
 @pytest.mark.parametrize(
