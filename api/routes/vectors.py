@@ -23,8 +23,9 @@ from infrastructure.errors import InvalidRequestError
 
 router = APIRouter(route_class=JSONRoute, prefix="/api/v1", tags=["Vector registry"], responses=ERROR_RESPONSES)
 
-# Defaults a form can send back as they are: an empty field means "not given" (see _form_fields), so
-# Swagger UI's untouched inputs register the file with the middle one of its layers as the default.
+# Every field has an example or a default, because Swagger UI's form sends a sample for the others (0 for
+# an integer, which would name a layer the file may lack). A form field is text, and default_layer is
+# documented as the digits it carries; an empty field means "not given" (see _form_fields).
 _UPLOAD_SCHEMA = {
     "type": "object",
     "required": ["name", "file"],
@@ -33,7 +34,9 @@ _UPLOAD_SCHEMA = {
         "file": {"type": "string", "format": "binary", "description": "GGUF (llama.cpp, repeng) or safetensors"},
         "description": {"type": "string", "default": ""},
         "default_layer": {
-            "type": "integer",
+            "type": "string",
+            "pattern": "^([0-9]+)?$",
+            "default": "",
             "description": "A layer of the file used when a request names none; empty: the middle one of its layers.",
         },
         "persist": {"type": "boolean", "default": False},

@@ -24,10 +24,11 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """One headless Chromium per session. Without Chromium: skipped on a developer's machine (with the
-    reason), a failure in CI (CI=true), where .ci/run installs it."""
+    """One headless Chromium per test module: Playwright's sync API holds an event loop on this thread while
+    it runs, so it must be closed before the next module's async tests. Without Chromium: skipped on a
+    developer's machine (with the reason), a failure in CI (CI=true), where .ci/run installs it."""
     if not CHROMIUM.exists():
         reason = f"Chromium is missing at {CHROMIUM}: install it with `apt-get install -y chromium`"
         if in_ci():

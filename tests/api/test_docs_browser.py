@@ -3,9 +3,11 @@ refused: their JavaScript and CSS come from the server itself (api/routes/docs.p
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from tests.api.live_server import serve
+from tests.api.test_openapi_examples import repeng_file
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -60,3 +62,28 @@ def test_redoc_renders_offline(browser, base_url):
     assert set(page.outside) <= {REDOCLY_LOGO} and page.errors == []
     assert page.locator("img[alt='redocly logo']").count() == 0  # hidden after the refused request
     page.close()
+
+
+def test_swagger_try_it_out_registers_a_repeng_upload_with_the_form_as_shown(browser, base_url, tmp_path, loaded_model):
+    """The upload form exactly as Swagger UI fills it (only the file chosen) registers the file."""
+    page = _offline_page(browser, base_url)
+    page.goto(base_url + "/docs")
+    operation = page.locator("#operations-Vector_registry-create_api_v1_vectors_post")
+    operation.locator(".opblock-summary").click()
+    operation.locator("button.try-out__btn").click()
+    operation.locator(".body-param-content-type select").select_option("multipart/form-data")
+    data = repeng_file(tmp_path, range(1, loaded_model.n_layers), loaded_model.hidden_size)
+    operation.locator("input[type=file]").set_input_files(
+        {"name": "repeng.gguf", "mimeType": "application/octet-stream", "buffer": data}
+    )
+    try:
+        with page.expect_response(lambda r: r.url.endswith("/api/v1/vectors") and r.request.method == "POST") as sent:
+            operation.locator("button.execute").click()
+        response = sent.value
+        assert response.status == 201, response.text()
+        body = response.json()
+        assert body["name"] == "my-control-vector" and body["layers"] == list(range(1, loaded_model.n_layers))
+        assert page.outside == [] and page.errors == []
+    finally:
+        httpx.delete(f"{base_url}/api/v1/vectors/my-control-vector", timeout=60)
+        page.close()

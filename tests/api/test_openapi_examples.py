@@ -36,12 +36,14 @@ def json_examples(spec: dict) -> list[tuple[str, dict]]:
 
 
 def form_defaults(schema: dict) -> dict[str, str]:
-    """What a form built from the schema sends untouched: each field's example or default, else empty."""
+    """What Swagger UI's form sends untouched: each field's example or default. A field with neither
+    would get a made-up sample (0 for an integer), so every field must have one."""
     fields = {}
     for name, prop in schema["properties"].items():
         if prop.get("format") == "binary":
             continue
-        value = prop.get("example", prop.get("default", ""))
+        assert "example" in prop or "default" in prop, f"form field {name} has no example or default"
+        value = prop.get("example", prop.get("default"))
         fields[name] = str(value).lower() if isinstance(value, bool) else str(value)
     return fields
 
