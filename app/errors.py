@@ -11,6 +11,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.schemas.common import error_body  # the one shape, built in one place (also re-exported here)
 from infrastructure.errors import (
     EngineUnavailableError,
     GenerationError,
@@ -56,13 +57,6 @@ HTTP_TYPES = {
     413: "payload_too_large",
     429: "rate_limited",
 }
-
-
-def error_body(type_: str, message: str, param: str | None = None) -> dict:
-    body = {"type": type_, "message": message}
-    if param:
-        body["param"] = param
-    return {"error": body}
 
 
 def status_of(exc: PersonaError) -> int:

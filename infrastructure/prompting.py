@@ -19,9 +19,6 @@ class RenderedPrompt:
     content_mask: tuple[bool, ...]  # per token: inside some message's content
     spans: tuple[tuple[int, int] | None, ...]  # per message: [start, end) token range of its content
 
-    def assistant_spans(self, messages: list[dict]) -> list[tuple[int, int]]:
-        return [s for m, s in zip(messages, self.spans) if m["role"] == "assistant" and s is not None]
-
 
 def render_text(tokenizer: Any, messages: list[dict], add_generation_prompt: bool = True) -> str:
     """The templated prompt text; models without a chat template get plain `role: content` lines."""

@@ -12,23 +12,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_archs import ARCHS  # noqa: E402
-from bench_serving import load  # noqa: E402
-
-from app.settings import Settings  # noqa: E402
-from infrastructure.engine.engine import PersonaEngine  # noqa: E402
-from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams  # noqa: E402
-from infrastructure.model_loader import LoadedModel  # noqa: E402
-from infrastructure.steering.spec import Capture, SteeringSpec, add_op  # noqa: E402
+from app.settings import Settings
+from infrastructure.engine.engine import PersonaEngine
+from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
+from infrastructure.model_loader import LoadedModel
+from infrastructure.steering.spec import Capture, SteeringSpec, add_op
+from scripts.bench_archs import ARCHS
+from scripts.bench_serving import load
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

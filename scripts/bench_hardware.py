@@ -1,7 +1,7 @@
 """Hardware table (issue 7): GPU memory and steered throughput per model shape and quantisation.
 
-    python scripts/bench_hardware.py --tokenizer DIR --out DIR                        # GPU: the README table
-    pipenv run python scripts/bench_hardware.py --tiny --device cpu --new-tokens 16 --clients 8 --out /tmp/hw
+    python -m scripts.bench_hardware --tokenizer DIR --out DIR                        # GPU: the README table
+    pipenv run python -m scripts.bench_hardware --tiny --device cpu --new-tokens 16 --clients 8 --out /tmp/hw
 
 A child builds each arch from its config with random weights (seed 0) and saves it; one child per configuration
 (own timeout, clean GPU) loads it through the server's loader and times a PersonaEngine; archs run in parallel, one
@@ -24,11 +24,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
+import torch  # never initialises CUDA in the parent: children measure clean GPUs
 
-import torch  # noqa: E402  (never initialises CUDA in the parent: children measure clean GPUs)
-from bench_archs import ARCHS  # noqa: E402
+from scripts.bench_archs import ARCHS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BIG = "llama-3.3-70b"
 BIG_LAYERS = ARCHS[BIG]["num_hidden_layers"]
@@ -74,11 +74,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def child_build(spec: dict) -> dict:
     """Random-weight model (seed 0) built on the device, saved with the tokenizer into spec['dir']."""
-    from bench_archs import build_random_model, weight_bytes
     from transformers import AutoTokenizer
 
     from app.settings import Settings
     from infrastructure.embedded import ensure_embedded
+    from scripts.bench_archs import build_random_model, weight_bytes
 
     tokenizer = AutoTokenizer.from_pretrained(spec["tokenizer"] or ensure_embedded(Settings().model_cache_dir))
     layers, gpu = spec.get("layers") or (4 if spec["tiny"] else None), spec["device"] == "cuda"
@@ -170,7 +170,7 @@ def throughput(engine, loaded, spec: dict) -> dict:
 
 
 def child_measure(spec: dict) -> dict:
-    from bench_archs import weight_bytes
+    from scripts.bench_archs import weight_bytes
 
     loaded = load_through_loader(spec)
     m = {"load_s": loaded.load_seconds, "quantization": loaded.quantization, "mem_load": gpu_memory(loaded)}
@@ -192,13 +192,13 @@ def child_main(spec_json: str, tasks: dict) -> int:
     return 0
 
 
-def run_child(script: str, spec: dict, log: Path, timeout: float, gpu: int | None = None):
+def run_child(module: str, spec: dict, log: Path, timeout: float, gpu: int | None = None):
     """Run one child (output in `log`), on one GPU if given: (result, None) or (None, the error's last line)."""
     if timeout < 5:
         return None, "SKIPPED: time budget spent"
     result, env = log.with_suffix(".json"), os.environ | ({} if gpu is None else {"CUDA_VISIBLE_DEVICES": str(gpu)})
     result.unlink(missing_ok=True)
-    command = [sys.executable, script, "--child", json.dumps(spec | {"result": str(result)})]
+    command = [sys.executable, "-m", module, "--child", json.dumps(spec | {"result": str(result)})]
     with log.open("w") as fh:
         try:
             done = subprocess.run(command, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout)
@@ -275,7 +275,7 @@ def run_arch(arch: str, gpu: int | None, args: argparse.Namespace, report: Repor
 
     def child(log: str, **task):
         left = min(args.timeout, deadline - time.monotonic())
-        return run_child(__file__, spec | task, args.out / "logs" / f"{arch}-{log}.log", left, gpu)
+        return run_child(__spec__.name, spec | task, args.out / "logs" / f"{arch}-{log}.log", left, gpu)
 
     try:
         built, error = child("build", task="build", arch=arch, layers=args.layers_70b if big else None, dir=str(tmp))

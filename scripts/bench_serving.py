@@ -30,23 +30,20 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from bench_archs import ARCHS, build_random_model, copy_bandwidth, weight_bytes  # noqa: E402
-from bench_client import CHAT_ROUTE, ServerThread, latency_summary, run_concurrent_sync  # noqa: E402
-from bench_report import render_table  # noqa: E402
-from bench_trace import EngineTrace  # noqa: E402
-
-from app.runtime import Runtime  # noqa: E402
-from app.settings import Settings  # noqa: E402
-from infrastructure.embedded import ensure_embedded  # noqa: E402
-from infrastructure.engine.engine import PersonaEngine  # noqa: E402
-from infrastructure.engine.job import GenerationJob  # noqa: E402
-from infrastructure.model_loader import LoadedModel, load_model, resolve_device  # noqa: E402
-from infrastructure.persona.axis_data import AssistantAxis  # noqa: E402
-from infrastructure.prompting import render_chat  # noqa: E402
+from app.runtime import Runtime
+from app.settings import Settings
+from infrastructure.embedded import ensure_embedded
+from infrastructure.engine.engine import PersonaEngine
+from infrastructure.engine.job import GenerationJob
+from infrastructure.model_loader import LoadedModel, load_model, resolve_device
+from infrastructure.persona.axis_data import AssistantAxis
+from infrastructure.prompting import render_chat
+from scripts.bench_archs import ARCHS, build_random_model, copy_bandwidth, weight_bytes
+from scripts.bench_client import CHAT_ROUTE, ServerThread, latency_summary, run_concurrent_sync
+from scripts.bench_report import render_table
+from scripts.bench_trace import EngineTrace
 
 FILLER = (
     "Please explain in careful detail how a city water system works, from the reservoir and the treatment "

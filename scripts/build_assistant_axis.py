@@ -1,24 +1,22 @@
 """Build the assistant axis: default-assistant minus role-playing response activations, per layer, plus a PCA.
 
-pipenv run python scripts/build_assistant_axis.py            # embedded model -> data/persona/<model id>/
+pipenv run python -m scripts.build_assistant_axis            # embedded model -> data/persona/<model id>/
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infrastructure.persona import activations as act  # noqa: E402
-from infrastructure.persona.axis_build import axis_tensors  # noqa: E402
-from infrastructure.persona.axis_data import PC_TITLE, model_folder, save_axis  # noqa: E402
-from infrastructure.persona.cli import running_engine  # noqa: E402
-from infrastructure.persona.extraction import LAYER_CONVENTION, file_sha256  # noqa: E402
+from infrastructure.persona import activations as act
+from infrastructure.persona.axis_build import axis_tensors
+from infrastructure.persona.axis_data import PC_TITLE, model_folder, save_axis
+from infrastructure.persona.cli import running_engine
+from infrastructure.persona.extraction import LAYER_CONVENTION, file_sha256
+from scripts.config import settings_for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -111,7 +109,7 @@ def _ratios(variance: torch.Tensor, points: torch.Tensor) -> list[float]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with running_engine(args.model, args.engine_batch) as (loaded, engine):
+    with running_engine(settings_for(args.model), args.engine_batch) as (loaded, engine):
         run(loaded, engine, args)
 
 

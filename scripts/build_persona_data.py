@@ -1,7 +1,7 @@
 """Regenerate all shipped persona data for a model: the seven trait vectors, the assistant axis, the report.
 
-pipenv run python scripts/build_persona_data.py            # the embedded SmolLM2-135M-Instruct
-pipenv run python scripts/build_persona_data.py --model Qwen/Qwen2.5-7B-Instruct
+pipenv run python -m scripts.build_persona_data            # the embedded SmolLM2-135M-Instruct
+pipenv run python -m scripts.build_persona_data --model Qwen/Qwen2.5-7B-Instruct
 
 On a CPU shared with other busy processes, OMP_NUM_THREADS=1 avoids thread oversubscription
 (measured here: 5x faster generation at load average 10).
@@ -10,14 +10,11 @@ On a CPU shared with other busy processes, OMP_NUM_THREADS=1 avoids thread overs
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infrastructure.persona.cli import running_engine  # noqa: E402
-from scripts import build_assistant_axis, evaluate_persona_data, extract_persona_vectors  # noqa: E402
+from infrastructure.persona.cli import running_engine
+from scripts import build_assistant_axis, evaluate_persona_data, extract_persona_vectors
+from scripts.config import settings_for
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     args = p.parse_args(argv)
     extra = ["--model", args.model] if args.model else []
     started = time.perf_counter()
-    with running_engine(args.model) as (loaded, engine):
+    with running_engine(settings_for(args.model)) as (loaded, engine):
         extract_persona_vectors.run(loaded, engine, extract_persona_vectors.parse_args(extra))
         print(f"vectors done at {time.perf_counter() - started:.0f}s")
         build_assistant_axis.run(loaded, engine, build_assistant_axis.parse_args(extra))

@@ -1,7 +1,7 @@
 """Do the decode modes agree? The same greedy requests through DECODE_MODE=dynamic, static and graphs.
 
-    pipenv run python scripts/check_decode_modes.py                           # embedded model, CPU: dynamic vs static
-    python scripts/check_decode_modes.py --arch qwen2.5-1.5b --tokenizer DIR  # GPU: dynamic, static, graphs
+    pipenv run python -m scripts.check_decode_modes                           # embedded model, CPU: dynamic vs static
+    python -m scripts.check_decode_modes --arch qwen2.5-1.5b --tokenizer DIR  # GPU: dynamic, static, graphs
 
 Each mode serves, on its own engine: every request alone, then all of them at once (rows joining a
 running batch, leaving at different lengths), some steered (add and cap, distinct vectors and layers),
@@ -14,22 +14,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_archs import ARCHS  # noqa: E402
-from bench_serving import load  # noqa: E402
-
-from app.settings import Settings  # noqa: E402
-from infrastructure.engine.engine import PersonaEngine  # noqa: E402
-from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams  # noqa: E402
-from infrastructure.steering.hooks import our_hooks  # noqa: E402
-from infrastructure.steering.spec import SteeringSpec, add_op, cap_op  # noqa: E402
+from app.settings import Settings
+from infrastructure.engine.engine import PersonaEngine
+from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
+from infrastructure.steering.hooks import our_hooks
+from infrastructure.steering.spec import SteeringSpec, add_op, cap_op
+from scripts.bench_archs import ARCHS
+from scripts.bench_serving import load
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

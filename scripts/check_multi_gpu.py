@@ -1,7 +1,7 @@
 """Multi-GPU check (issue 7): one random-weight model on one GPU and split over two, compared token for token.
 
-    python scripts/check_multi_gpu.py --tokenizer DIR --out DIR                  # a machine with 2 GPUs
-    pipenv run python scripts/check_multi_gpu.py --tiny --device cpu --new-tokens 16 --clients 8 --out /tmp/mgpu
+    python -m scripts.check_multi_gpu --tokenizer DIR --out DIR                  # a machine with 2 GPUs
+    pipenv run python -m scripts.check_multi_gpu --tiny --device cpu --new-tokens 16 --clients 8 --out /tmp/mgpu
 
 The arch (default qwen2.5-7b) is built once with random weights (seed 0) and saved; child processes load it
 through the server's loader with TENSOR_PARALLEL_SIZE=1, then 2 (device_map="auto" over that many GPUs; on a
@@ -22,10 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch
 
-import torch  # noqa: E402
-from bench_hardware import (  # noqa: E402
+from scripts.bench_hardware import (
     ARCHS,
     ROOT,
     Report,
@@ -78,7 +77,7 @@ def child_run(spec: dict) -> dict:
     """Load with spec['tp'] GPUs, run the comparison job and the throughput runs, report the placement."""
     from infrastructure.engine.engine import PersonaEngine
     from infrastructure.engine.job import GenerationJob
-    from infrastructure.steering.sites import decoder_layers
+    from infrastructure.steering.sites import decoder_layers, site_module
 
     class RecordingEngine(PersonaEngine):
         """The engine, noting the device of every steering table it builds (per site)."""
@@ -100,7 +99,9 @@ def child_run(spec: dict) -> dict:
         rows, sites = check_rows(loaded, spec)
         ids = [f.token_ids for f in asyncio.run(engine.collect(GenerationJob(rows)))]
         again = [f.token_ids for f in asyncio.run(engine.collect(GenerationJob(rows)))]
-        tables = {s: {"layer": layers[s], "device_of": str(engine._device_of(s))} for s in sites}
+        tables = {
+            s: {"layer": layers[s], "device_of": str(next(site_module(model, s).parameters()).device)} for s in sites
+        }
         for s in sites:
             tables[s]["tables"] = sorted(engine.built_on.get(s, ()))
         timing = throughput(engine, loaded, spec)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def child(log: str, **task):
         left = min(args.timeout, deadline - time.monotonic())
-        return run_child(__file__, spec | task | {"dir": str(tmp)}, args.out / "logs" / f"{log}.log", left)
+        return run_child(__spec__.name, spec | task | {"dir": str(tmp)}, args.out / "logs" / f"{log}.log", left)
 
     try:
         built, error = child("build", task="build", arch=args.arch, layers=args.layers)

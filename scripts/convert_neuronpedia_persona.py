@@ -4,7 +4,7 @@ into safetensors + JSON under PERSONA_DATA_PATH/<model id>/.
 The inputs are Python pickles: loading one runs whatever code its author put in it. This command
 therefore refuses to run unless --trust-pickle is given, and the server itself never unpickles.
 
-    pipenv run python scripts/convert_neuronpedia_persona.py --trust-pickle \\
+    pipenv run python -m scripts.convert_neuronpedia_persona --trust-pickle \\
         --model-id meta-llama/Llama-3.3-70B-Instruct --pca pca/roles_layer40-min.pt \\
         --contrast contrast_vectors.pt --n-layers 80
 """
@@ -12,15 +12,12 @@ therefore refuses to run unless --trust-pickle is given, and the server itself n
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infrastructure.persona.axis_data import PC_TITLE, model_folder, save_axis  # noqa: E402
-from infrastructure.persona.convert import converted, find_contrast, find_pca, layer_from  # noqa: E402
+from infrastructure.persona.axis_data import PC_TITLE, model_folder, save_axis
+from infrastructure.persona.convert import converted, find_contrast, find_pca, layer_from
 
 REFUSAL = (
     "refusing to unpickle: these .pt files are pickles and loading one executes code from the file. "

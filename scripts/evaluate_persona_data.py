@@ -1,21 +1,19 @@
 """Evaluate the shipped persona data on held-out questions and write docs/persona_data_report.md with plots.
 
-pipenv run python scripts/evaluate_persona_data.py
+pipenv run python -m scripts.evaluate_persona_data
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infrastructure.persona.axis_data import load_axis, model_folder  # noqa: E402
-from infrastructure.persona.cli import ALL_TRAITS, running_engine  # noqa: E402
-from infrastructure.persona.evaluation import TraitEval, evaluate_axis, evaluate_trait  # noqa: E402
-from infrastructure.persona.report import write_report  # noqa: E402
+from infrastructure.persona.axis_data import load_axis, model_folder
+from infrastructure.persona.cli import ALL_TRAITS, running_engine
+from infrastructure.persona.evaluation import TraitEval, evaluate_axis, evaluate_trait
+from infrastructure.persona.report import write_report
+from scripts.config import settings_for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -64,7 +62,7 @@ def run(loaded, engine, args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with running_engine(args.model, args.engine_batch) as (loaded, engine):
+    with running_engine(settings_for(args.model), args.engine_batch) as (loaded, engine):
         run(loaded, engine, args)
 
 

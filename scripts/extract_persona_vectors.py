@@ -1,7 +1,7 @@
 """Extract persona (trait) vectors: difference of mean response activations, positive minus negative instructions.
 
-pipenv run python scripts/extract_persona_vectors.py --traits sarcasm flattery
-pipenv run python scripts/extract_persona_vectors.py --model Qwen/Qwen2.5-7B-Instruct --judge-url http://...
+pipenv run python -m scripts.extract_persona_vectors --traits sarcasm flattery
+pipenv run python -m scripts.extract_persona_vectors --model Qwen/Qwen2.5-7B-Instruct --judge-url http://...
 """
 
 from __future__ import annotations
@@ -9,14 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from infrastructure.persona.cli import ALL_TRAITS, running_engine  # noqa: E402
-from infrastructure.persona.trait_run import ExtractOptions, extract_trait  # noqa: E402
+from infrastructure.persona.cli import ALL_TRAITS, running_engine
+from infrastructure.persona.trait_run import ExtractOptions, extract_trait
+from scripts.config import settings_for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +69,7 @@ def run(loaded, engine, args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    with running_engine(args.model, args.engine_batch) as (loaded, engine):
+    with running_engine(settings_for(args.model), args.engine_batch) as (loaded, engine):
         run(loaded, engine, args)
 
 

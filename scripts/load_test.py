@@ -1,7 +1,7 @@
 """Load test on loopback: many concurrent streaming clients, some disconnecting mid-stream, bad
 requests mixed in; then checks the server returned to its baseline (memory, no hook, same greedy text).
 
-    python scripts/load_test.py --clients 32 --requests 200 --max-tokens 16
+    python -m scripts.load_test --clients 32 --requests 200 --max-tokens 16
 
 Starts its own server (uvicorn in a subprocess on 127.0.0.1, a free port, the configured or embedded
 model), prints a JSON report, and exits 1 when a check fails."""

@@ -45,13 +45,23 @@ def engine(loaded_model: LoadedModel):
 
 
 @pytest.fixture(scope="session")
-def runtime(settings: Settings, loaded_model: LoadedModel, engine: PersonaEngine):
-    """The app's runtime around the session engine (the app does not own or stop it)."""
+def make_runtime(loaded_model: LoadedModel, engine: PersonaEngine):
+    """A runtime around the session model with settings overrides (`secret`, `vectors_dir`, ...) and the
+    session engine, or `engine=` another one; the app never owns or stops it. The one place tests attach."""
     from app.runtime import Runtime
 
-    rt = Runtime(settings, owns_engine=False)
-    rt.attach(loaded_model, engine)
-    return rt
+    def build(engine_override: PersonaEngine | None = None, **overrides):
+        rt = Runtime(Settings(_env_file=None, **overrides), owns_engine=False)
+        rt.attach(loaded_model, engine_override or engine)
+        return rt
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def runtime(make_runtime):
+    """The app's runtime around the session engine."""
+    return make_runtime()
 
 
 @pytest.fixture(scope="session")
@@ -63,8 +73,20 @@ def app(runtime):
 
 @pytest.fixture
 async def client(app):
-    import httpx
+    from tests.helpers import client_for
 
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+    async with client_for(app) as c:
         yield c
+
+
+def pytest_collection_modifyitems(config, items):
+    """Markers from what a test needs: `slow` on every test that uses the real model (so
+    `pytest -m 'not slow'` is the seconds-long part), and `gpu` tests skipped without CUDA."""
+    import torch
+
+    no_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "loaded_model" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+        if item.get_closest_marker("gpu") and not torch.cuda.is_available():
+            item.add_marker(no_cuda)

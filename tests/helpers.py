@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+
+
+@asynccontextmanager
+async def client_for(app, timeout: float = 120, **kwargs) -> AsyncIterator[httpx.AsyncClient]:
+    """An httpx client talking to an app in-process (no socket): the one way tests build a test client."""
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=timeout, **kwargs) as c:
+        yield c
+
 
 def chat_ids(tokenizer, question: str, system: str | None = None) -> tuple[int, ...]:
     """Prompt ids of a one-question chat, as the routes render it."""

@@ -14,12 +14,12 @@ from api.deps import RuntimeDep
 from api.routing import JSONRoute, stdlib_json
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.vectors import (
-    JSON_EXAMPLE,
     RegistryOptions,
     VectorCreateRequest,
     VectorDeleted,
     VectorDetail,
     VectorList,
+    json_example,
 )
 from api.services.vectors import (
     create_from_file,
@@ -33,27 +33,40 @@ from infrastructure.errors import InvalidJSONError, InvalidRequestError
 
 router = APIRouter(route_class=JSONRoute, prefix="/api/v1", tags=["Vector registry"], responses=ERROR_RESPONSES)
 
+# Every field has an example or a default, because Swagger UI's form sends a sample for the others (0 for
+# an integer, which would name a layer the file may lack). A form field is text, and default_layer is
+# documented as the digits it carries; an empty field means "not given" (see _form_fields).
 _UPLOAD_SCHEMA = {
     "type": "object",
     "required": ["name", "file"],
     "properties": {
-        "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$"},
+        "name": {"type": "string", "pattern": "^[a-z0-9_-]{1,64}$", "example": "my-control-vector"},
         "file": {"type": "string", "format": "binary", "description": "GGUF (llama.cpp, repeng) or safetensors"},
-        "description": {"type": "string"},
-        "default_layer": {"type": "integer"},
-        "persist": {"type": "boolean"},
-        "overwrite": {"type": "boolean"},
+        "description": {"type": "string", "default": ""},
+        "default_layer": {
+            "type": "string",
+            "pattern": "^([0-9]+)?$",
+            "default": "",
+            "description": "A layer of the file used when a request names none; empty: the middle one of its layers.",
+        },
+        "persist": {"type": "boolean", "default": False},
+        "overwrite": {"type": "boolean", "default": False},
     },
 }
 _BODY = {
     "requestBody": {
         "required": True,
         "content": {
-            "application/json": {"schema": VectorCreateRequest.model_json_schema(), "example": JSON_EXAMPLE},
+            "application/json": {"schema": VectorCreateRequest.model_json_schema(), "example": json_example()},
             "multipart/form-data": {"schema": _UPLOAD_SCHEMA},
         },
     }
 }
+
+
+def _form_fields(form) -> dict[str, str]:
+    """The form's fields but the file; an empty field is not given (HTML and Swagger UI send untouched inputs empty)."""
+    return {k: v for k, v in form.multi_items() if k != "file" and v != ""}
 
 
 def _validated(model: type[RegistryOptions], data: object) -> RegistryOptions:
@@ -84,7 +97,7 @@ async def _json_body(request: Request) -> object:
 
 async def _upload(request: Request, runtime: RuntimeDep) -> VectorDetail:
     form = await request.form()
-    fields = {k: v for k, v in form.multi_items() if k != "file"}
+    fields = _form_fields(form)
     upload = form.get("file")
     if not isinstance(upload, UploadFile):
         raise InvalidRequestError("attach the control-vector file as the form field 'file'", "file")

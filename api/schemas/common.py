@@ -37,6 +37,15 @@ class ErrorResponse(BaseModel):
     error: ErrorDetail
 
 
+def error_body(type_: str, message: str, param: str | None = None) -> dict:
+    """The one error shape as a dict (`param` only when a field is at fault): every HTTP error, SSE
+    error frame and RunPod error output is built here."""
+    body = {"type": type_, "message": message}
+    if param:
+        body["param"] = param
+    return {"error": body}
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int

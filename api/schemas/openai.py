@@ -78,6 +78,11 @@ class SteeringIn(StrictModel):
     vectors: list[SteeringVectorIn] = Field(default_factory=list, max_length=256)
     method: Literal["add", "cap"] = "add"
     normalize: bool = Field(default=False, description="Scale each vector to unit norm first (add).")
+    positions: Literal["all", "prompt", "response"] = Field(
+        default="all",
+        description="Where the vectors apply: every position, the prompt's tokens only (the answer is then "
+        "generated unsteered from a steered context), or the generated tokens only.",
+    )
 
 
 class StreamOptions(StrictModel):

@@ -10,13 +10,18 @@ from infrastructure.steering.layers import layer_number
 NAME_PATTERN = r"^[a-z0-9_-]{1,64}$"
 MAX_FLOATS = 65536
 
-JSON_EXAMPLE = {
-    "name": "my-direction",
-    "layer": 15,
-    "vector": [0.01, -0.02, 0.03],
-    "description": "a direction found with my own probe",
-    "persist": False,
-}
+EMBEDDED_HIDDEN_SIZE = 576  # the embedded SmolLM2-135M's; the served schema uses the loaded model's (api/openapi.py)
+
+
+def json_example(hidden_size: int = EMBEDDED_HIDDEN_SIZE) -> dict:
+    """A registration the server accepts as is: one vector of the model's hidden size at layer 15."""
+    return {
+        "name": "my-direction",
+        "layer": 15,
+        "vector": [0.01] * hidden_size,
+        "description": "a direction found with my own probe",
+        "persist": False,
+    }
 
 
 class RegistryOptions(StrictModel):
@@ -33,8 +38,6 @@ class RegistryOptions(StrictModel):
 
 class VectorCreateRequest(RegistryOptions):
     """JSON registration: one vector (`vector` + `layer` or `hook`) or several (`vectors` by layer)."""
-
-    model_config = {**RegistryOptions.model_config, "json_schema_extra": {"examples": [JSON_EXAMPLE]}}
 
     vector: list[float] | None = Field(default=None, min_length=1, max_length=MAX_FLOATS)
     layer: int | None = Field(default=None, ge=0, description="Decoder layer whose output the vector steers.")

@@ -12,9 +12,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from api.schemas.completion_chat import CompletionChatRequest
+from api.services.checks import check_new_tokens, model_shape, render_prompt, render_prompt_now
 from api.services.completion_chat_frames import AxisView, ChatContext, assistant_axis, error_frame, final_frame, frame
 from api.services.finite import dumps
-from api.services.generate import check_new_tokens, model_shape, render_prompt, render_prompt_now
 from app.runtime import Runtime
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowFinished, RowRequest, RowToken, SamplingParams
 from infrastructure.errors import InvalidRequestError, PersonaError

@@ -20,16 +20,15 @@ from api.schemas.openai import (
     ModelList,
     SteeringIn,
 )
-from api.services.completion_chat_frames import AxisView, axis_entry, turn_projections
-from api.services.generate import check_new_tokens, model_shape, render_prompt, render_prompt_now
-from app.runtime import Runtime
+from api.services.chat_common import AXIS_CAPTURE, AxisMonitor, axis_captures, axis_monitor
+from api.services.checks import check_new_tokens, model_shape, render_prompt, render_prompt_now
+from api.services.ports import Serving
 from infrastructure.engine.job import Event, GenerationJob, RowFinished, RowRequest, SamplingParams
 from infrastructure.errors import UnknownModelError
 from infrastructure.prompting import RenderedPrompt
 from infrastructure.steering.resolve import VectorRef, resolve_steering
-from infrastructure.steering.spec import Capture, Method, SteeringSpec
+from infrastructure.steering.spec import Method, Positions, SteeringSpec
 
-AXIS_CAPTURE = "assistant_axis"
 SEED_SPACE = 2**63
 
 
@@ -41,19 +40,13 @@ class PreparedChat:
     created: int
     model: str
     rows: list[RowRequest]
-    messages: list[dict]
-    prompt: RenderedPrompt
-    monitor: bool
-    axis: AxisView | None
-    axis_problem: str | None
+    prompt_len: int
+    monitor: bool  # persona_monitoring asked
+    axes: AxisMonitor
     include_usage: bool
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.prompt.ids)
 
-
-def served_model(runtime: Runtime, requested: str | None) -> str:
+def served_model(runtime: Serving, requested: str | None) -> str:
     """The served id; the weights id is accepted too, anything else is `model_not_found`."""
     loaded = runtime.loaded
     if requested is None or requested in (loaded.model_id, loaded.weights_id):
@@ -61,17 +54,17 @@ def served_model(runtime: Runtime, requested: str | None) -> str:
     raise UnknownModelError(f"The model {requested!r} does not exist; this server serves {loaded.model_id!r}", "model")
 
 
-def list_models(runtime: Runtime) -> ModelList:
+def list_models(runtime: Serving) -> ModelList:
     runtime.require_engine()
     return ModelList(data=[ModelCard(id=runtime.loaded.model_id, created=int(runtime.started_at))])
 
 
-def model_card(runtime: Runtime, model: str) -> ModelCard:
+def model_card(runtime: Serving, model: str) -> ModelCard:
     runtime.require_engine()
     return ModelCard(id=served_model(runtime, model), created=int(runtime.started_at))
 
 
-def steering_of(runtime: Runtime, steering: SteeringIn | None) -> SteeringSpec | None:
+def steering_of(runtime: Serving, steering: SteeringIn | None) -> SteeringSpec | None:
     """The `steering` extension as a SteeringSpec (errors name e.g. `steering.vectors.0.layer`)."""
     if steering is None:
         return None
@@ -91,11 +84,16 @@ def steering_of(runtime: Runtime, steering: SteeringIn | None) -> SteeringSpec |
     ]
     s = runtime.settings
     return resolve_steering(
-        refs, runtime.traits, model_shape(runtime), max_vectors=s.max_vectors, max_layers=s.max_layers
+        refs,
+        runtime.traits,
+        model_shape(runtime),
+        positions=Positions(steering.positions),
+        max_vectors=s.max_vectors,
+        max_layers=s.max_layers,
     )
 
 
-def sampling_of(runtime: Runtime, body: ChatCompletionRequest, choice: int) -> SamplingParams:
+def sampling_of(runtime: Serving, body: ChatCompletionRequest, choice: int) -> SamplingParams:
     """Choice i samples with seed + i, so choices differ and a seeded request is reproducible."""
     s = runtime.settings
     new_tokens = body.max_completion_tokens or body.max_tokens or s.max_tokens
@@ -111,7 +109,7 @@ def sampling_of(runtime: Runtime, body: ChatCompletionRequest, choice: int) -> S
     )
 
 
-def prepare(runtime: Runtime, body: ChatCompletionRequest, prompt: RenderedPrompt | None = None) -> PreparedChat:
+def prepare(runtime: Serving, body: ChatCompletionRequest, prompt: RenderedPrompt | None = None) -> PreparedChat:
     """Validate and resolve everything before any model work; `prompt`: the messages already rendered off
     the event loop (`render_prompt`)."""
     runtime.require_engine()
@@ -120,18 +118,16 @@ def prepare(runtime: Runtime, body: ChatCompletionRequest, prompt: RenderedPromp
     messages = [m.as_dict() for m in body.messages]
     prompt = prompt or render_prompt_now(runtime, messages, "messages")
     axis = runtime.axis if body.persona_monitoring else None
-    captures = (Capture(AXIS_CAPTURE, axis.layer, axis.direction),) if axis is not None else ()
+    captures = axis_captures(axis)
     rows = [RowRequest(prompt.ids, sampling_of(runtime, body, i), steering, captures) for i in range(body.n)]
     return PreparedChat(
         id=f"chatcmpl-{uuid.uuid4().hex}",
         created=int(time.time()),
         model=model,
         rows=rows,
-        messages=messages,
-        prompt=prompt,
+        prompt_len=len(prompt.ids),
         monitor=body.persona_monitoring,
-        axis=AxisView(axis.title, axis.value) if axis is not None else None,
-        axis_problem=runtime.axis_problem or "assistant-axis monitoring is unavailable",
+        axes=axis_monitor(axis, runtime.axis_problem, messages, prompt),
         include_usage=bool(body.stream_options and body.stream_options.include_usage),
     )
 
@@ -139,14 +135,12 @@ def prepare(runtime: Runtime, body: ChatCompletionRequest, prompt: RenderedPromp
 def axis_fields(chat: PreparedChat, done: dict[int, RowFinished]) -> dict:
     """`assistant_axis` (one entry per choice, one turn per assistant turn incl. the new one), or
     an empty list and `assistant_axis_unavailable` saying why."""
-    if chat.axis is None:
-        return {"assistant_axis": [], "assistant_axis_unavailable": chat.axis_problem}
-    spans = [s for m, s in zip(chat.messages, chat.prompt.spans) if m["role"] == "assistant"]
-    prior = [m["content"] for m in chat.messages if m["role"] == "assistant"]
-    entries = []
-    for i in sorted(done):
-        turns = turn_projections(done[i].captures.get(AXIS_CAPTURE, []), spans, chat.prompt_len)
-        entries.append({**axis_entry("completion", chat.axis, turns, [*prior, done[i].text]), "index": i})
+    if chat.axes.axis is None:
+        return {"assistant_axis": [], "assistant_axis_unavailable": chat.axes.problem}
+    entries = [
+        {**chat.axes.entry("completion", done[i].captures.get(AXIS_CAPTURE, []), done[i].text), "index": i}
+        for i in sorted(done)
+    ]
     return {"assistant_axis": entries}
 
 
@@ -155,11 +149,11 @@ def usage_of(chat: PreparedChat, done: list[RowFinished]) -> Usage:
     return Usage(prompt_tokens=chat.prompt_len, completion_tokens=completion, total_tokens=chat.prompt_len + completion)
 
 
-async def rendered(runtime: Runtime, body: ChatCompletionRequest) -> RenderedPrompt:
+async def rendered(runtime: Serving, body: ChatCompletionRequest) -> RenderedPrompt:
     return await render_prompt(runtime, [m.as_dict() for m in body.messages], "messages")
 
 
-async def complete(runtime: Runtime, body: ChatCompletionRequest) -> ChatCompletion:
+async def complete(runtime: Serving, body: ChatCompletionRequest) -> ChatCompletion:
     """A non-streaming chat.completion."""
     chat = prepare(runtime, body, await rendered(runtime, body))
     done = await runtime.require_engine().collect(
@@ -176,7 +170,7 @@ async def complete(runtime: Runtime, body: ChatCompletionRequest) -> ChatComplet
     )
 
 
-async def start(runtime: Runtime, body: ChatCompletionRequest) -> tuple[PreparedChat, AsyncIterator[Event]]:
+async def start(runtime: Serving, body: ChatCompletionRequest) -> tuple[PreparedChat, AsyncIterator[Event]]:
     """Validate and submit (queue limits raise here); the caller turns the events into chunks."""
     chat = prepare(runtime, body, await rendered(runtime, body))
     job = GenerationJob(chat.rows, timeout_s=runtime.settings.request_timeout_s)

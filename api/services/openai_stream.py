@@ -10,10 +10,10 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+from api.services.chat_common import stream_error
 from api.services.finite import dumps
 from api.services.openai_chat import PreparedChat, axis_fields, usage_of
 from infrastructure.engine.job import Event, JobFailed, RowFinished, RowToken
-from infrastructure.errors import PersonaError
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +63,6 @@ async def chunks(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncItera
         yield chunk(chat, [], usage=usage_of(chat, list(done.values())).model_dump(), **extra)
 
 
-def _error(exc: Exception) -> dict:
-    if isinstance(exc, PersonaError):
-        body = {"type": exc.type, "message": exc.message}
-        if exc.param:
-            body["param"] = exc.param
-        return {"error": body}
-    log.error("chat completion stream failed", exc_info=exc)
-    return {"error": {"type": "internal_error", "message": "internal server error"}}
-
-
 async def sse(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIterator[str]:
     """`data: {chunk}` frames, then `data: [DONE]`; a failure after the start is one error frame.
     Leaving early (client gone) closes the event stream, which cancels the job's rows."""
@@ -81,7 +71,7 @@ async def sse(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIterator
         async for item in stream:
             yield f"data: {dumps(item)}\n\n"
     except Exception as exc:
-        yield f"data: {dumps(_error(exc))}\n\n"
+        yield f"data: {dumps(stream_error(exc, log))}\n\n"
     finally:
         await stream.aclose()
         await events.aclose()

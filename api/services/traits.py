@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from api.schemas.traits import StatusResponse, TraitDetail, TraitsResponse, TraitSummary
-from app.runtime import Runtime
+from api.services.ports import ServerState, Serving
 from infrastructure.steering.hooks import our_hooks
 from infrastructure.storage.traits import Trait
 
@@ -22,12 +22,12 @@ def trait_summary(trait: Trait) -> dict:
     }
 
 
-def list_traits(runtime: Runtime) -> TraitsResponse:
+def list_traits(runtime: Serving) -> TraitsResponse:
     runtime.require_engine()
     return TraitsResponse(traits=[TraitSummary(**trait_summary(t)) for _, t in sorted(runtime.traits.traits.items())])
 
 
-def trait_detail(runtime: Runtime, name: str) -> TraitDetail:
+def trait_detail(runtime: Serving, name: str) -> TraitDetail:
     runtime.require_engine()
     trait = runtime.traits.get(name, "name")
     return TraitDetail(
@@ -39,7 +39,7 @@ def trait_detail(runtime: Runtime, name: str) -> TraitDetail:
     )
 
 
-def status(runtime: Runtime) -> StatusResponse:
+def status(runtime: ServerState) -> StatusResponse:
     loaded, engine = runtime.loaded, runtime.engine
     return StatusResponse(
         status=runtime.state,

@@ -23,9 +23,9 @@ from api.schemas.vectors import (
     VectorList,
     VectorSummary,
 )
-from api.services.generate import model_shape
+from api.services.checks import model_shape
+from api.services.ports import Serving
 from api.services.traits import trait_summary
-from app.runtime import Runtime
 from infrastructure.errors import (
     HookOutOfRangeError,
     InvalidHookError,
@@ -47,7 +47,7 @@ from infrastructure.storage.traits import Trait
 REGISTRY = "registry"
 
 
-def registry_dir(runtime: Runtime) -> Path:
+def registry_dir(runtime: Serving) -> Path:
     return Path(runtime.settings.vectors_dir) / REGISTRY
 
 
@@ -71,7 +71,7 @@ def _summary(trait: Trait) -> dict:
     }
 
 
-def _check_name(runtime: Runtime, opts: RegistryOptions) -> Trait | None:
+def _check_name(runtime: Serving, opts: RegistryOptions) -> Trait | None:
     """The registered vector this registration replaces (None if the name is free). Shipped traits are
     read-only: replacing one would change it for every user of the server."""
     existing = runtime.traits.traits.get(opts.name)
@@ -94,7 +94,7 @@ def _check_name(runtime: Runtime, opts: RegistryOptions) -> Trait | None:
     return existing
 
 
-def _check_vectors(runtime: Runtime, vectors: dict[int, torch.Tensor], params: dict[int, tuple[str, str]]) -> None:
+def _check_vectors(runtime: Serving, vectors: dict[int, torch.Tensor], params: dict[int, tuple[str, str]]) -> None:
     """Every layer in range, every vector of the model's hidden size, finite and within MAX_STEERING_VALUE;
     errors name the field."""
     shape = model_shape(runtime)
@@ -128,7 +128,7 @@ def _write(path: Path, trait: Trait) -> None:
     os.replace(tmp, path)
 
 
-def _register(runtime: Runtime, opts: RegistryOptions, vectors: dict[int, torch.Tensor], meta: dict) -> VectorDetail:
+def _register(runtime: Serving, opts: RegistryOptions, vectors: dict[int, torch.Tensor], meta: dict) -> VectorDetail:
     replaced = _check_name(runtime, opts)
     if opts.default_layer is not None and opts.default_layer not in vectors:
         raise HookOutOfRangeError(f"default_layer {opts.default_layer} is not among {sorted(vectors)}", "default_layer")
@@ -152,7 +152,7 @@ def _register(runtime: Runtime, opts: RegistryOptions, vectors: dict[int, torch.
     return vector_detail(runtime, opts.name)
 
 
-def create_from_json(runtime: Runtime, body: VectorCreateRequest) -> VectorDetail:
+def create_from_json(runtime: Serving, body: VectorCreateRequest) -> VectorDetail:
     runtime.require_engine()
     if body.vector is not None:
         if body.hook is not None:
@@ -170,7 +170,7 @@ def create_from_json(runtime: Runtime, body: VectorCreateRequest) -> VectorDetai
     return _register(runtime, body, vectors, {"format": "json"})
 
 
-def parse_upload(runtime: Runtime, data: bytes) -> ControlVectorFile:
+def parse_upload(runtime: Serving, data: bytes) -> ControlVectorFile:
     """Parse and check a control-vector file (CPU work on a few MB: the route runs it off the event loop)."""
     parsed = read_control_vector(data, "file")
     _check_vectors(runtime, parsed.vectors, {layer: ("file", "file") for layer in parsed.vectors})
@@ -178,7 +178,7 @@ def parse_upload(runtime: Runtime, data: bytes) -> ControlVectorFile:
 
 
 def create_from_file(
-    runtime: Runtime, opts: RegistryOptions, parsed: ControlVectorFile, filename: str | None
+    runtime: Serving, opts: RegistryOptions, parsed: ControlVectorFile, filename: str | None
 ) -> VectorDetail:
     """Register a parsed repeng / llama.cpp control vector (GGUF or safetensors), all its layers."""
     runtime.require_engine()
@@ -186,13 +186,13 @@ def create_from_file(
     return _register(runtime, opts, parsed.vectors, meta)
 
 
-def list_vectors(runtime: Runtime) -> VectorList:
+def list_vectors(runtime: Serving) -> VectorList:
     runtime.require_engine()
     traits = sorted(runtime.traits.traits.values(), key=lambda t: t.name)
     return VectorList(vectors=[VectorSummary(**_summary(t)) for t in traits if is_registered(t)])
 
 
-def vector_detail(runtime: Runtime, name: str, values: bool = False, layer: int | None = None) -> VectorDetail:
+def vector_detail(runtime: Serving, name: str, values: bool = False, layer: int | None = None) -> VectorDetail:
     """A registered vector or shipped trait; its floats with `values` (only `layer` when given)."""
     runtime.require_engine()
     trait = runtime.traits.get(name, "name")
@@ -205,7 +205,7 @@ def vector_detail(runtime: Runtime, name: str, values: bool = False, layer: int 
     return VectorDetail(**_summary(trait), norms=trait.norms(), metadata=trait.metadata, values=floats)
 
 
-def delete_vector(runtime: Runtime, name: str) -> VectorDeleted:
+def delete_vector(runtime: Serving, name: str) -> VectorDeleted:
     runtime.require_engine()
     trait = runtime.traits.traits.get(name)
     if trait is None:

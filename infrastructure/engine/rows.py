@@ -101,8 +101,8 @@ class Row:
         self.stopped_text = text[:cut]
         return True
 
-    def finished_event(self, reason: str | None = None) -> RowFinished:
-        reason = reason or self.finish_reason or "stop"
+    def finished_event(self) -> RowFinished:
+        reason = self.finish_reason or "stop"
         text = self.stopped_text if self.stopped_text is not None else self.detok.final_text()
         return RowFinished(
             row=self.index,

@@ -100,7 +100,7 @@ def write_report(docs: Path, results: list[TraitEval], axis: dict | None, setup:
         f"Model `{setup['model']}`; greedy answers of {setup['max_new_tokens']} new tokens to each trait's held-out "
         "questions (no system prompt), steered by adding s·v at the recommended layer (every position), "
         "s = the vector file's `recommended_scalar` (|s·v| ≈ 0.2 × the median residual norm there).",
-        "Regenerate everything with `pipenv run python scripts/build_persona_data.py`.",
+        "Regenerate everything with `pipenv run python -m scripts.build_persona_data`.",
         "",
         "- **projection**: mean over the answer-producing positions of h·v̂ at the probe layer (steered layer + 2).",
         "- **Δlogp**: steered minus unsteered mean log-probability per token of the reference answers "

@@ -54,11 +54,6 @@ def parse_hook(hook: str | int, n_layers: int, param: str = "hook") -> int:
     return layer - 1 if kind == "pre" else layer
 
 
-def hook_name(site: int) -> str:
-    """The canonical hook name of a site."""
-    return "blocks.0.hook_resid_pre" if site == EMBEDDINGS_SITE else f"blocks.{site}.hook_resid_post"
-
-
 def check_vector(values: torch.Tensor, hidden_size: int, param: str, allow_zero: bool = True) -> torch.Tensor:
     """Validate a steering vector: 1-D, the model's hidden size, finite (and non-zero when required)."""
     if values.dim() != 1 or values.shape[0] != hidden_size:

@@ -42,10 +42,6 @@ class SteeringSpec:
     positions: Positions = Positions.ALL
     steer_special_tokens: bool = True
 
-    @property
-    def sites(self) -> set[int]:
-        return {op.site for op in self.ops}
-
     def is_empty(self) -> bool:
         return not self.ops
 

@@ -12,6 +12,7 @@ import httpx
 import pytest
 import torch
 
+from api.services.chat_common import assistant_spans
 from app.runtime import Runtime
 from infrastructure.persona.axis_data import TENSORS, AssistantAxis
 from infrastructure.prompting import render_chat
@@ -112,7 +113,7 @@ async def test_turn_value_equals_mean_projection_of_its_content_tokens(axis_clie
     frame = await final(axis_client, prompt=ROLEPLAY_CHAT, types=["STEERED", "DEFAULT"],
                         vectors=[{"strength": 4.0, "trait": "cc_probe"}])  # fmt: skip
     prompt = render_chat(loaded_model.tokenizer, ROLEPLAY_CHAT)
-    [(a, b)] = prompt.assistant_spans(ROLEPLAY_CHAT)
+    [(a, b)] = assistant_spans(ROLEPLAY_CHAT, prompt)
     axis = axis_runtime.axis
     expected = float((hidden_at(loaded_model, prompt.ids)[a:b] @ axis.direction).mean()) - axis.offset
     default = frame["assistant_axis"][1]

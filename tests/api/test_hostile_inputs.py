@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-import httpx
 import pytest
+
+from tests.helpers import client_for
 
 GEN, BASE, CHAT = "/api/v1/generate", "/api/v1/generate/baseline", "/v1/steer/completion-chat"
 OAI, REG = "/v1/chat/completions", "/api/v1/vectors"
@@ -127,8 +128,7 @@ FINE = [
 @pytest.fixture(scope="module")
 async def before(app):
     """The greedy probe's text before any hostile input, and the paths this app serves."""
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+    async with client_for(app) as c:
         probe = await c.post(BASE, json=PROBE)
     assert probe.status_code == 200
     return probe.json()["text"], app.openapi()["paths"]

@@ -7,6 +7,7 @@ import openai
 import pytest
 import torch
 
+from api.services.chat_common import assistant_spans
 from app.factory import create_app
 from infrastructure.persona.axis_data import PC_TITLE, AssistantAxis
 from infrastructure.prompting import render_chat
@@ -137,6 +138,24 @@ def test_steering_via_extra_body(oai, base_url):
         httpx.delete(f"{base_url}/api/v1/vectors/oai-test", timeout=60)
 
 
+def test_steering_positions_choose_prompt_or_response_tokens(oai):
+    """`positions`: the first answer token comes from the prompt's last position, so it is steered with
+    `prompt` (as with `all`) and not with `response` (as unsteered); later tokens the other way round."""
+    vec = _vector(3)
+
+    def steered(positions: str | None, max_tokens: int) -> str:
+        where = {} if positions is None else {"positions": positions}
+        spec = {"steering": {"vectors": [{"vector": vec, "scale": 1.0, "layer": 10}], **where}}
+        return _chat(oai, max_tokens=max_tokens, extra_body=spec).choices[0].message.content
+
+    plain1, plain6 = _chat(oai, max_tokens=1).choices[0].message.content, _chat(oai).choices[0].message.content
+    all1, all6 = steered(None, 1), steered(None, 6)
+    assert steered("all", 6) == all6 != plain6
+    assert steered("prompt", 1) == all1
+    assert steered("response", 1) == plain1
+    assert steered("response", 6) != plain6 and steered("prompt", 6) != all6
+
+
 def test_steering_errors_name_the_field(oai):
     with pytest.raises(openai.BadRequestError) as err:
         _chat(oai, extra_body={"steering": {"vectors": [{"vector": _vector(1), "scale": 1, "layer": 99}]}})
@@ -211,7 +230,7 @@ def test_persona_monitoring_values(oai, runtime, monkeypatch):
     assert [e["index"] for e in entries] == [0, 1] and {e["type"] for e in entries} == {"completion"}
     assert all(e["pc_titles"] == [PC_TITLE] and len(e["turns"]) == 2 for e in entries)
     prompt = render_chat(runtime.engine.tokenizer, messages)
-    [span] = prompt.assistant_spans(messages)
+    [span] = assistant_spans(messages, prompt)
     expected = _expected_turn_value(runtime, axis, prompt.ids, span)
     for entry, choice in zip(entries, answer.choices):
         prior, new = entry["turns"]

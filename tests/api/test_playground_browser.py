@@ -10,22 +10,12 @@ import pytest
 import torch
 
 from app.factory import create_app
-from app.runtime import Runtime
 from infrastructure.persona.axis_data import AssistantAxis
 from infrastructure.storage.traits import Trait
 from tests.api.live_server import serve
 
-CHROMIUM = Path("/usr/bin/chromium")
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
+
 ARTIFACT = Path(__file__).resolve().parents[2] / "test-artifacts" / "playground.png"
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SECRET = "playground-secret"
@@ -37,10 +27,9 @@ def _unit(seed: int) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def page_runtime(settings, loaded_model, engine):
+def page_runtime(make_runtime):
     """Its own runtime: auth on, one synthetic trait, and a synthetic assistant axis (so the chart has data)."""
-    rt = Runtime(settings.model_copy(update={"secret": SECRET}), owns_engine=False)
-    rt.attach(loaded_model, engine)
+    rt = make_runtime(secret=SECRET)
     vectors = {10: _unit(21) * 60, 15: _unit(22) * 60}
     rt.traits.add(Trait("friendly", MODEL, vectors, {"recommended_layer": 10}, Path("<test>"), description="synthetic"))
     rt.axis, rt.axis_problem = AssistantAxis(MODEL, 15, _unit(23), torch.zeros(576)), None
@@ -51,18 +40,6 @@ def page_runtime(settings, loaded_model, engine):
 def base_url(page_runtime):
     with serve(create_app(runtime=page_runtime)) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    if not CHROMIUM.exists():
-        pytest.fail(f"Chromium is missing at {CHROMIUM}: install it with `apt-get install -y chromium`")
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
-        yield b
-        b.close()
 
 
 def _fill_conversation(page) -> None:

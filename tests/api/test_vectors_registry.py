@@ -14,8 +14,8 @@ import torch
 from safetensors.torch import save
 
 from app.factory import create_app
-from app.runtime import Runtime
 from infrastructure.storage.traits import load_traits
+from tests.helpers import client_for
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 PROMPT = "What is the capital of France?"
@@ -59,18 +59,13 @@ def vectors_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def reg_runtime(settings, loaded_model, engine, vectors_dir):
-    rt = Runtime(
-        settings.model_copy(update={"vectors_dir": vectors_dir, "prompts_dir": vectors_dir}), owns_engine=False
-    )
-    rt.attach(loaded_model, engine)
-    return rt
+def reg_runtime(make_runtime, vectors_dir):
+    return make_runtime(vectors_dir=vectors_dir, prompts_dir=vectors_dir)
 
 
 @pytest.fixture
 async def api(reg_runtime):
-    transport = httpx.ASGITransport(app=create_app(runtime=reg_runtime))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120) as c:
+    async with client_for(create_app(runtime=reg_runtime)) as c:
         yield c
 
 
@@ -225,7 +220,7 @@ async def test_bad_uploads_name_the_field(api, tmp_path):
 
 async def test_registry_is_behind_auth_and_the_playground_is_not(reg_runtime):
     app = create_app(reg_runtime.settings.model_copy(update={"secret": "s3cret"}), runtime=reg_runtime)
-    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test") as c:
+    async with client_for(app) as c:
         assert (await c.get("/api/v1/vectors")).status_code == 401
         r = await c.post("/api/v1/vectors", json={"name": "x", "layer": 1, "vector": VEC.tolist()})
         assert r.status_code == 401 and "x" not in reg_runtime.traits.traits

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 
 import httpx
-from fastapi import FastAPI
+
+from tests.helpers import client_for  # noqa: F401  (re-exported for the app tests)
 
 GREEDY_PROBE = {"prompt": "Name a colour.", "max_tokens": 4, "temperature": 0}
-
-
-@asynccontextmanager
-async def client_for(app: FastAPI, **kwargs) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=120, **kwargs) as c:
-        yield c
 
 
 def assert_error_shape(response: httpx.Response, status: int, type_: str | None = None) -> dict:

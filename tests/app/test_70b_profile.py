@@ -5,7 +5,6 @@ persona data is found under PERSONA_DATA_PATH/<MODEL_ID>/, hook blocks.40 is val
 
 from __future__ import annotations
 
-import httpx
 import pytest
 import torch
 
@@ -16,6 +15,9 @@ from infrastructure.engine.engine import PersonaEngine
 from infrastructure.model_loader import load_model
 from infrastructure.persona.axis_data import model_folder, save_axis
 from infrastructure.steering.hooks import our_hooks
+from tests.helpers import client_for
+
+pytestmark = pytest.mark.slow  # builds and loads an 80-layer, 8,192-wide model on the CPU
 
 LOGICAL = "casperhansen/llama-3.3-70b-instruct-awq"
 HIDDEN, LAYERS, AXIS_LAYER = 8192, 80, 40
@@ -83,8 +85,7 @@ def profile(tmp_path_factory):
 async def client(profile):
     from app.factory import create_app
 
-    transport = httpx.ASGITransport(app=create_app(runtime=profile[0]))
-    async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=300) as c:
+    async with client_for(create_app(runtime=profile[0]), timeout=300) as c:
         yield c
 
 

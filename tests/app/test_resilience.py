@@ -11,7 +11,6 @@ import pytest
 
 from app.factory import create_app
 from app.runtime import Runtime
-from app.settings import Settings
 from infrastructure.engine.engine import PersonaEngine
 from infrastructure.engine.job import GenerationJob, JobFailed, RowFinished, RowRequest, RowToken, SamplingParams
 from infrastructure.errors import EngineUnavailableError, RequestTimeoutError
@@ -94,13 +93,12 @@ async def test_health_reports_a_broken_engine_as_503(settings):
         assert detail in assert_error_shape(generate, 503, "engine_unavailable")["message"]
 
 
-async def test_graceful_shutdown_drains_then_refuses(engine, loaded_model):
+async def test_graceful_shutdown_drains_then_refuses(engine, loaded_model, make_runtime):
     assert await settles(lambda: engine.active_requests == 0 and engine.queue_depth == 0)
     small = PersonaEngine(loaded_model, max_batch_size=4)  # the session engine is idle meanwhile
     small.start()
     assert small.wait_ready(120), small.broken
-    runtime = Runtime(Settings(_env_file=None), owns_engine=False)
-    runtime.attach(loaded_model, small)
+    runtime = make_runtime(engine_override=small)
     stream = small.submit(job(small, 6))
     first = await anext(stream)
     await asyncio.to_thread(small.stop, 60)  # drains: the running job finishes

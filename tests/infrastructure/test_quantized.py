@@ -14,6 +14,8 @@ from infrastructure.steering.hooks import our_hooks
 from infrastructure.steering.spec import Capture, SteeringSpec, add_op
 from tests.helpers import chat_ids
 
+pytestmark = pytest.mark.slow  # loads the model twice more, quantized
+
 LAYER = 12
 
 

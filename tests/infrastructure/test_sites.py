@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from infrastructure.errors import HookOutOfRangeError, InvalidHookError, NonFiniteVectorError, VectorShapeError
-from infrastructure.steering.sites import EMBEDDINGS_SITE, check_vector, hook_name, parse_hook
+from infrastructure.steering.sites import EMBEDDINGS_SITE, check_vector, parse_hook
 
 
 @pytest.mark.parametrize(
@@ -34,11 +34,6 @@ def test_unknown_hooks(hook):
 def test_out_of_range(hook):
     with pytest.raises(HookOutOfRangeError):
         parse_hook(hook, 30)
-
-
-def test_hook_name_round_trip():
-    for site in (EMBEDDINGS_SITE, 0, 12):
-        assert parse_hook(hook_name(site), 30) == site
 
 
 def test_check_vector():

@@ -12,6 +12,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the script end to end
+
 ROOT = Path(__file__).resolve().parents[2]
 
 # tiny llama (hidden 64, MLP 128, 4 query / 2 KV heads of 16, vocab 49408, untied): parameters per decoder layer
@@ -23,7 +27,7 @@ FIXED = 2 * 49408 * 64 + 64
 def test_tiny_run_fills_the_table_and_extrapolates_the_70b_shape(tmp_path):
     out, scratch = tmp_path / "out", tmp_path / "scratch"
     scratch.mkdir()
-    command = [sys.executable, "scripts/bench_hardware.py", "--tiny", "--device", "cpu", "--archs", "llama-3.3-70b"]
+    command = [sys.executable, "-m", "scripts.bench_hardware", "--tiny", "--device", "cpu", "--archs", "llama-3.3-70b"]
     command += ["--layers-70b", "2", "--quantizations", "none", "--new-tokens", "24", "--clients", "2"]
     command += ["--prompt-tokens", "8", "--out", str(out)]
     env = os.environ | {

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
+from scripts.bench_archs import ARCHS, arch_config
+from scripts.bench_client import CHAT_ROUTE, percentile
 
-from bench_archs import ARCHS, arch_config  # noqa: E402
-from bench_client import CHAT_ROUTE, percentile  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 EXPECTED_ROWS = [
     ("W1 one client, steered", "decode tokens/s"),
@@ -55,7 +54,7 @@ def smoke(tmp_path_factory) -> tuple[str, dict]:
         pytest.skip(f"{CHAT_ROUTE} is not served yet")
     out = tmp_path_factory.mktemp("bench") / "smoke.json"
     done = subprocess.run(
-        [sys.executable, "scripts/bench_serving.py", "--smoke", "--device", "cpu", "--json", str(out)],
+        [sys.executable, "-m", "scripts.bench_serving", "--smoke", "--device", "cpu", "--json", str(out)],
         cwd=ROOT,
         env=os.environ | {"MODEL_CACHE_DIR": str(ROOT / "data" / "models")},
         capture_output=True,
@@ -75,6 +74,7 @@ def table_rows(stdout: str) -> dict[tuple[str, str], str]:
     return rows
 
 
+@pytest.mark.slow  # the smoke run
 def test_table_has_every_row_with_a_positive_number(smoke):
     stdout, _ = smoke
     rows = table_rows(stdout)
@@ -87,6 +87,7 @@ def test_table_has_every_row_with_a_positive_number(smoke):
         assert float(value.replace(",", "")) > 0, key
 
 
+@pytest.mark.slow  # the smoke run
 def test_every_request_decoded_its_forced_length(smoke):
     _, numbers = smoke
     for name in ("w2_steered", "w2_unsteered", "w2_one_at_a_time", "w4_monitoring_off", "w4_monitoring_on"):
@@ -96,6 +97,7 @@ def test_every_request_decoded_its_forced_length(smoke):
     assert numbers["w1"]["tokens"] == numbers["new_tokens"]
 
 
+@pytest.mark.slow  # the smoke run
 def test_trace_accounts_for_every_request(smoke):
     _, numbers = smoke
     for name in ("w2_steered", "w2_unsteered", "w4_monitoring_off", "w4_monitoring_on"):
@@ -104,6 +106,7 @@ def test_trace_accounts_for_every_request(smoke):
     assert numbers["w2_one_at_a_time"]["prefill_rows"] == [1, 1, 1]  # max_batch_size=1: one prefill per request
 
 
+@pytest.mark.slow  # the smoke run
 def test_monitoring_rides_only_on_w4(smoke):
     _, numbers = smoke
     assert numbers["w4_monitoring_on"]["axis_frames"] == 3
@@ -111,6 +114,7 @@ def test_monitoring_rides_only_on_w4(smoke):
     assert numbers["w3"]["ratio"] > 0 and numbers["w3"]["repeats"] == 1
 
 
+@pytest.mark.slow  # the smoke run
 def test_json_and_table_agree(smoke):
     stdout, numbers = smoke
     assert numbers["table"] in stdout

@@ -10,17 +10,15 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-SCRIPT = ROOT / "scripts" / "download_models.py"
-REAL_CACHE = ROOT / "data" / "models"
+from scripts import download_models
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import download_models  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
+REAL_CACHE = ROOT / "data" / "models"
 
 
 def run(*args: str, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args],
+        [sys.executable, "-m", "scripts.download_models", *args],
         cwd=ROOT,
         env=os.environ | env,
         capture_output=True,
@@ -29,6 +27,7 @@ def run(*args: str, **env: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_embedded_reports_ready_from_the_converted_cache():
     done = run(MODEL_CACHE_DIR=str(REAL_CACHE))
     assert done.returncode == 0, done.stderr
@@ -41,6 +40,7 @@ def test_embedded_is_the_default_and_an_explicit_name():
     assert download_models.parse_args(["embedded"]).model == "embedded"
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 @pytest.mark.skipif(download_models.hub_reachable(3.0) is None, reason="a hub is reachable here; no 15 GB download")
 def test_unreachable_hub_gives_one_line_and_exit_2(tmp_path):
     done = run("qwen2.5-7b", MODEL_CACHE_DIR=str(tmp_path))
@@ -52,6 +52,7 @@ def test_unreachable_hub_gives_one_line_and_exit_2(tmp_path):
     assert list(tmp_path.iterdir()) == []  # nothing half-written
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_closed_endpoint_port_is_reported_unreachable(tmp_path):
     with socket.socket() as s:  # a loopback port nobody listens on: deterministic, nothing leaves the machine
         s.bind(("127.0.0.1", 0))
@@ -70,12 +71,14 @@ def test_aliases_map_to_instruct_repos():
     }
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_bad_name_is_rejected_without_network(tmp_path):
     done = run("not-a-model", MODEL_CACHE_DIR=str(tmp_path))
     assert done.returncode == 1
     assert "neither 'embedded'" in done.stderr
 
 
+@pytest.mark.slow  # a subprocess that imports torch
 def test_list_shows_embedded_state(tmp_path):
     ready = run("--list", MODEL_CACHE_DIR=str(REAL_CACHE))
     assert ready.returncode == 0

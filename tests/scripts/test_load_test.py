@@ -8,6 +8,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # runs the script end to end against a real server
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -15,7 +19,7 @@ def test_small_load_run_passes_every_check():
     args = ["--clients", "4", "--requests", "12", "--max-tokens", "4", "--disconnect-share", "0.25"]
     args += ["--bad-share", "0.2", "--time-limit", "400", "--seed", "3"]
     done = subprocess.run(
-        [sys.executable, "scripts/load_test.py", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
+        [sys.executable, "-m", "scripts.load_test", *args], cwd=ROOT, capture_output=True, text=True, timeout=900
     )
     report = json.loads(done.stdout)
     print(json.dumps(report, indent=2))
