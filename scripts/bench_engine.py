@@ -40,7 +40,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", default=None, help="comma-separated batch sizes (GPU 1,8,64; CPU 1,8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=None, help="GPU 128, CPU 32")
-    p.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs"], help="DECODE_MODE")
+    p.add_argument(
+        "--decode", default="auto", choices=["auto", "paged", "dynamic", "static", "graphs"], help="DECODE_MODE"
+    )
     p.add_argument("--profile", type=Path, default=None, help="write a profiler table here")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"
