@@ -255,7 +255,7 @@ class PagedLoop:
     def _work(self, row: PagedRow, n: int) -> Work:
         seq = row.seq
         pos = seq.computed
-        ends = pos + n == len(seq.tokens)
+        ends = pos + n == len(seq.tokens) and row.max_new > 0  # a prefill-only row samples nothing
         steer = row.steer_bits[pos : pos + n]
         return Work(seq.tokens[pos : pos + n], pos, self._kv.table(seq.seq_id), steer, ends, row.slot)
 
