@@ -1,14 +1,15 @@
 """Prometheus metrics: HTTP requests by route and status (prometheus-fastapi-instrumentator), and the
 engine's tokens, queue depth, batch size, time to first token and inter-token latency.
 
-Latencies are measured on the event-loop side, by wrapping the engine's event stream once when the
-runtime attaches it; gauges are read from the engine at scrape time. Each app has its own registry
-(tests build several apps in one process)."""
+Latencies are measured as the engine hands out each event (an observer on `engine.observers`, attached
+once when the runtime attaches the engine); gauges are read from the engine at scrape time. Each app has
+its own registry (tests build several apps in one process)."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+import weakref
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -26,7 +27,8 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 
 
 class EngineMetrics:
-    """Per-engine token and latency series, fed from the event streams of every job."""
+    """Per-engine token and latency series, fed by the engine's observers (`engine.observers`): every event
+    handed to a job passes through `event` on the inference thread, stamped when it leaves the engine."""
 
     def __init__(self) -> None:
         kw = {"buckets": LATENCY_BUCKETS, "registry": None}
@@ -34,47 +36,51 @@ class EngineMetrics:
         self.itl = Histogram("persona_inter_token_latency_seconds", "Gap between tokens of one row.", **kw)
         self.tokens = Counter("persona_tokens_generated", "Completion tokens of finished rows.", registry=None)
         self.jobs = Counter("persona_jobs", "Jobs by outcome.", ["outcome"], registry=None)
+        self._open: weakref.WeakKeyDictionary[GenerationJob, _JobClock] = weakref.WeakKeyDictionary()
 
     def collectors(self) -> list[Any]:
         return [self.ttft, self.itl, self.tokens, self.jobs]
 
-    async def observe(self, job: GenerationJob, events: AsyncIterator[Event]) -> AsyncIterator[Event]:
-        """Pass a job's events through, timing tokens; closing this closes (and cancels) the job."""
-        last: dict[int, float] = {}
-        outcome = "cancelled"
-        try:
-            async for event in events:
-                now = time.monotonic()
-                if isinstance(event, RowToken):
-                    if not last:
-                        self.ttft.observe(now - job.submitted_at)
-                    elif event.row in last:
-                        self.itl.observe(now - last[event.row])
-                    last[event.row] = now
-                elif isinstance(event, RowFinished):
-                    self.tokens.inc(event.completion_tokens)
-                elif isinstance(event, JobFailed):
-                    outcome = event.error.type
-                yield event
-            if outcome == "cancelled":
-                outcome = "completed"
-        finally:
-            await events.aclose()
-            self.jobs.labels(outcome).inc()
+    def event(self, job: GenerationJob, event: Event) -> None:
+        now = time.monotonic()
+        clock = self._open.get(job)
+        if clock is None:
+            clock = self._open[job] = _JobClock()
+        if isinstance(event, RowToken):
+            if not clock.last:
+                self.ttft.observe(now - job.submitted_at)
+            elif event.row in clock.last:
+                self.itl.observe(now - clock.last[event.row])
+            clock.last[event.row] = now
+        elif isinstance(event, RowFinished):
+            self.tokens.inc(event.completion_tokens)
+            clock.finished += 1
+            if clock.finished == len(job.rows):
+                self._close(job, "completed")
+        elif isinstance(event, JobFailed):
+            self._close(job, event.error.type)
+
+    def cancelled(self, job: GenerationJob) -> None:
+        self._close(job, "cancelled")
+
+    def _close(self, job: GenerationJob, outcome: str) -> None:
+        self._open.pop(job, None)
+        self.jobs.labels(outcome).inc()
+
+
+@dataclass
+class _JobClock:
+    last: dict[int, float] = field(default_factory=dict)  # row -> time of its last token
+    finished: int = 0
 
 
 def instrument_engine(engine: Any) -> EngineMetrics:
-    """Wrap `engine.submit` (once) so every job's events feed the engine's metrics."""
+    """Subscribe (once) an EngineMetrics to the engine's observers."""
     metrics = getattr(engine, "metrics", None)
     if isinstance(metrics, EngineMetrics):
         return metrics
     metrics = EngineMetrics()
-    submit = engine.submit
-
-    def metered_submit(job: GenerationJob) -> AsyncIterator[Event]:
-        return metrics.observe(job, submit(job))
-
-    engine.submit = metered_submit
+    engine.observers.subscribe(event=metrics.event, cancelled=metrics.cancelled)
     engine.metrics = metrics
     return metrics
 
@@ -107,10 +113,22 @@ class RuntimeCollector:
             ("persona_engine_tokens", "Tokens sampled by the engine (warm-up included).", "tokens"),
             ("persona_failed_batches", "Prefill or decode batches that failed (their jobs failed).", "failed_batches"),
             ("persona_failed_rows", "Rows failed alone (non-finite logits); their batch went on.", "failed_rows"),
+            ("persona_kv_preemptions", "Rows preempted for lack of KV blocks (recomputed later).", "preemptions"),
         ):
             counter = CounterMetricFamily(name, doc)
             counter.add_metric([], float(stats.get(key, 0)))
             yield counter
+        kv = engine.kv_stats() if hasattr(engine, "kv_stats") else {}
+        for name, doc, key in (
+            ("persona_kv_blocks_total", "Blocks in the paged KV cache.", "kv_blocks_total"),
+            ("persona_kv_blocks_used", "KV blocks held by rows (unused cached ones count as free).", "kv_blocks_used"),
+            ("persona_kv_block_size", "Token positions per KV block.", "kv_block_size"),
+            ("persona_prefix_cache_hit_rate", "Looked-up prompt tokens found in the prefix cache.", "prefix_hit_rate"),
+        ):
+            if key in kv:
+                gauge = GaugeMetricFamily(name, doc)
+                gauge.add_metric([], float(kv[key]))
+                yield gauge
         metrics = getattr(engine, "metrics", None)
         if isinstance(metrics, EngineMetrics):
             for collector in metrics.collectors():

@@ -84,6 +84,11 @@ class Runtime:
                 max_model_len=self.settings.max_model_len,
                 decode=self.settings.decode_mode,
                 static_len=self.settings.static_cache_len,
+                block_size=self.settings.kv_block_size,
+                kv_cache_tokens=self.settings.kv_cache_tokens,
+                step_tokens=self.settings.max_num_batched_tokens,
+                prefix_caching=self.settings.enable_prefix_caching,
+                gpu_memory_utilization=self.settings.gpu_memory_utilization,
             )
             engine.start()
             if not engine.wait_ready():

@@ -70,11 +70,19 @@ class Settings(BaseSettings):
     # --- engine limits ---
     max_batch_size: int = Field(default=32, ge=1, description="Rows decoded together in one forward pass.")
     max_queue: int = Field(default=256, ge=1, description="Requests waiting beyond the running batch.")
-    decode_mode: Literal["auto", "dynamic", "static", "graphs"] = Field(
+    decode_mode: Literal["auto", "paged", "dynamic", "static", "graphs"] = Field(
         default="auto",
-        description="Decode step: dynamic KV cache, static slots, or static slots replayed as CUDA graphs; "
-        "auto = graphs on one unquantised GPU, else dynamic.",
+        description="Engine: paged (auto; paged KV cache, chunked ragged prefill) or the legacy padded-batch "
+        "modes: dynamic KV cache, static slots, or static slots replayed as CUDA graphs.",
     )
+    kv_block_size: int = Field(default=16, ge=1, le=1024, description="Token positions per paged KV block.")
+    kv_cache_tokens: int = Field(
+        default=0, ge=0, description="Paged KV cache size in tokens; 0 = from GPU_MEMORY_UTILIZATION (CPU: 2,048/row)."
+    )
+    max_num_batched_tokens: int = Field(
+        default=8192, ge=16, description="Tokens per engine step: decoding rows plus prompt chunks (chunked prefill)."
+    )
+    enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of equal prefixes (and steering).")
     static_cache_len: int = Field(
         default=4096, ge=16, description="Columns of the static KV cache: the longest prompt + completion there."
     )

@@ -99,6 +99,25 @@ async def run_concurrent(base_url: str, bodies: list[dict]) -> tuple[list[Stream
     return list(results), max(r.ended for r in results) - started
 
 
+async def run_arrivals(base_url: str, bodies: list[dict], offsets: list[float]) -> tuple[list[StreamResult], float]:
+    """Send body i at `offsets[i]` seconds after the start (an open-loop arrival process); results and wall time."""
+    limits = httpx.Limits(max_connections=len(bodies) + 4, max_keepalive_connections=len(bodies) + 4)
+    encoded = [json.dumps(body).encode() for body in bodies]
+    async with httpx.AsyncClient(base_url=base_url, timeout=httpx.Timeout(3600.0), limits=limits) as client:
+        started = time.perf_counter()
+
+        async def later(body: bytes, at: float) -> StreamResult:
+            await asyncio.sleep(max(0.0, started + at - time.perf_counter()))
+            return await stream_chat(client, body)
+
+        results = await asyncio.gather(*(later(b, at) for b, at in zip(encoded, offsets)))
+    return list(results), max(r.ended for r in results) - started
+
+
+def run_arrivals_sync(base_url: str, bodies: list[dict], offsets: list[float]) -> tuple[list[StreamResult], float]:
+    return asyncio.run(run_arrivals(base_url, bodies, offsets))
+
+
 def run_concurrent_sync(base_url: str, bodies: list[dict]) -> tuple[list[StreamResult], float]:
     """`run_concurrent` for a worker process: the clients then do not share the server's GIL."""
     return asyncio.run(run_concurrent(base_url, bodies))

@@ -1,7 +1,7 @@
 """Engine-only decode benchmark (no HTTP): how fast the inference loop itself runs, steered and not.
 
-    python scripts/bench_engine.py                                   # embedded model on the CPU
-    python scripts/bench_engine.py --arch qwen2.5-7b --tokenizer DIR # random weights on the GPU
+    python -m scripts.bench_engine                                   # embedded model on the CPU
+    python -m scripts.bench_engine --arch qwen2.5-7b --tokenizer DIR # random weights on the GPU
 
 For each batch size it submits that many rows at once (forced lengths, greedy), times the decode
 phase, and prints tokens/s for unsteered rows, rows with one distinct vector each, and rows with
@@ -35,7 +35,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rows", default=None, help="comma-separated batch sizes (GPU 1,8,64; CPU 1,8)")
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=None, help="GPU 128, CPU 32")
-    p.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs"], help="DECODE_MODE")
+    p.add_argument(
+        "--decode", default="auto", choices=["auto", "paged", "dynamic", "static", "graphs"], help="DECODE_MODE"
+    )
     p.add_argument("--profile", type=Path, default=None, help="write a profiler table here")
     args = p.parse_args(argv)
     gpu = args.device == "cuda"

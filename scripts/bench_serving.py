@@ -1,9 +1,9 @@
 """Serving benchmark (issue 5): the real server over HTTP + SSE, one table, one JSON file.
 
-    pipenv run python scripts/bench_serving.py --smoke                       # CI size, CPU, < 60 s
-    pipenv run python scripts/bench_serving.py                               # embedded model, default size
-    python scripts/bench_serving.py --arch qwen2.5-7b --json out.json        # GPU, random weights
-    python scripts/bench_serving.py --arch llama-3.3-70b --layers 20
+    pipenv run python -m scripts.bench_serving --smoke                       # CI size, CPU, < 60 s
+    pipenv run python -m scripts.bench_serving                               # embedded model, default size
+    python -m scripts.bench_serving --arch qwen2.5-7b --json out.json        # GPU, random weights
+    python -m scripts.bench_serving --arch llama-3.3-70b --layers 20
 
 The server is `create_app` in uvicorn on 127.0.0.1 (a thread of this process) around an engine
 that forces output lengths (every row ignores EOS, so every run decodes the same number of
@@ -13,7 +13,13 @@ tokens); clients stream POST /v1/steer/completion-chat. Workloads:
      a one-request-at-a-time engine (max_batch_size=1, the seeds' design): aggregate tokens/s,
      p50/p99 time to first token and inter-token latency;
   W3 a STEERED+DEFAULT request vs a DEFAULT-only one: wall-time ratio (median of repeats);
-  W4 assistant-axis monitoring on vs off (the W2 steered workload, run back to back): throughput ratio.
+  W4 assistant-axis monitoring on vs off (the W2 steered workload, run back to back): throughput ratio;
+  W5 mixed lengths: N-1 short clients + 1 long prompt (6,000 tokens on GPU), distinct vectors: the short
+     rows' ITL p50 ÷ W2's, their TTFT p99, the long row's TTFT;
+  W6 long context: one 32,000-token prompt alone (TTFT, decode tokens/s), then beside N-1 short ones;
+  W7 realistic mix: 200 requests, long-tailed prompt lengths (lognormal, median 300, max 8,000), 32-512
+     new tokens, Poisson arrivals at --w7-rate requests/s, fixed seed: tokens/s, TTFT and ITL p50/p99.
+The paged engine's KV use is sampled every step (blocks used × block size ÷ tokens in the cache).
 """
 
 from __future__ import annotations
@@ -21,8 +27,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import multiprocessing
 import platform
+import random
 import statistics
 import sys
 import time
@@ -41,7 +49,7 @@ from infrastructure.model_loader import LoadedModel, load_model, resolve_device
 from infrastructure.persona.axis_data import AssistantAxis
 from infrastructure.prompting import render_chat
 from scripts.bench_archs import ARCHS, build_random_model, copy_bandwidth, weight_bytes
-from scripts.bench_client import CHAT_ROUTE, ServerThread, latency_summary, run_concurrent_sync
+from scripts.bench_client import CHAT_ROUTE, ServerThread, latency_summary, run_arrivals_sync, run_concurrent_sync
 from scripts.bench_report import render_table
 from scripts.bench_trace import EngineTrace
 
@@ -72,7 +80,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--seq-clients", type=int, default=None, help="clients of the one-at-a-time run (all on CPU, ≤ 16 on GPU)"
     )
-    p.add_argument("--decode", default="auto", choices=["auto", "dynamic", "static", "graphs"], help="DECODE_MODE")
+    p.add_argument(
+        "--decode", default="auto", choices=["auto", "paged", "dynamic", "static", "graphs"], help="DECODE_MODE"
+    )
+    p.add_argument(
+        "--attention", default="auto", choices=["auto", "flash", "grouped", "rows"], help="paged attention kernel"
+    )
+    p.add_argument("--w5-long", type=int, default=None, help="W5 long prompt tokens (6,000 on GPU)")
+    p.add_argument("--w6-long", type=int, default=None, help="W6 long prompt tokens (32,000 on GPU)")
+    p.add_argument("--w7-requests", type=int, default=None, help="W7 requests (200)")
+    p.add_argument("--w7-rate", type=float, default=None, help="W7 Poisson arrival rate, requests/s (8 on GPU)")
     p.add_argument("--repeats", type=int, default=3, help="W3 repetitions (median)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny CI-size run")
@@ -85,9 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     gpu = args.device == "cuda"
     if args.smoke:
         defaults = {"clients": 3, "prompt_tokens": 24, "new_tokens": 4, "threads": 1}
+        defaults |= {"w5_long": 96, "w6_long": 160, "w7_requests": 6, "w7_rate": 20.0}
         args.repeats = 1
     else:
         defaults = {"clients": 64 if gpu else 8, "prompt_tokens": 128, "new_tokens": 256 if gpu else 32}
+        defaults |= {"w5_long": 6000 if gpu else 1000, "w6_long": 32000 if gpu else 2000}
+        defaults |= {"w7_requests": 200 if gpu else 24, "w7_rate": 8.0 if gpu else 1.0}
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -125,25 +145,51 @@ def load(args: argparse.Namespace, settings: Settings) -> LoadedModel:
     )
 
 
-def start_engine(loaded: LoadedModel, max_batch_size: int, decode: str = "auto") -> ForcedLengthEngine:
-    engine = ForcedLengthEngine(loaded, max_batch_size=max_batch_size, max_queue=4096, decode=decode)
+def start_engine(loaded: LoadedModel, max_batch_size: int, decode: str = "auto", **kw) -> ForcedLengthEngine:
+    kw.setdefault("attention", ATTENTION[0])
+    engine = ForcedLengthEngine(loaded, max_batch_size=max_batch_size, max_queue=4096, decode=decode, **kw)
     engine.start()
     if not engine.wait_ready(600):
         raise RuntimeError(f"engine did not start: {engine.broken}")
     return engine
 
 
+ATTENTION = ["auto"]  # the paged attention kernel every engine of this run uses (--attention)
+
+
 def prompt_for(tokenizer, client: int, target: int) -> tuple[str, int]:
-    """A user turn whose rendered chat is about `target` tokens (words rotate per client)."""
+    """A user turn whose rendered chat is about `target` tokens (words rotate per client): the fewest words
+    that reach it (binary search; token counts grow with the word count)."""
     words = FILLER[client % len(FILLER) :] + FILLER[: client % len(FILLER)]
-    best = ("", 0)
-    for count in range(1, 20 * target):
+
+    def build(count: int) -> tuple[str, int]:
         text = " ".join(words[i % len(words)] for i in range(count))
-        n = len(render_chat(tokenizer, [{"role": "user", "content": text}]).ids)
-        best = (text, n)
-        if n >= target:
-            break
-    return best
+        return text, len(render_chat(tokenizer, [{"role": "user", "content": text}]).ids)
+
+    lo, hi = 1, max(2, 2 * target)
+    while build(hi)[1] < target:
+        hi *= 2
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if build(mid)[1] >= target:
+            hi = mid
+        else:
+            lo = mid + 1
+    return build(lo)
+
+
+def w7_plan(n: int, seed: int, median: int, longest: int, new_lo: int, new_hi: int, rate: float) -> list[tuple]:
+    """(prompt tokens, new tokens, arrival offset s) per request: lognormal prompt lengths (median `median`,
+    sigma 1, the longest set to `longest`), uniform output lengths, exponential gaps (Poisson arrivals)."""
+    rng = random.Random(seed)
+    prompts = [min(longest, max(16, round(median * math.exp(rng.gauss(0, 1))))) for _ in range(n)]
+    prompts[max(range(n), key=prompts.__getitem__)] = longest
+    news = [rng.randint(new_lo, new_hi) for _ in range(n)]
+    at, offsets = 0.0, []
+    for _ in range(n):
+        offsets.append(at)
+        at += rng.expovariate(rate)
+    return list(zip(prompts, news, offsets))
 
 
 def steer_vector(hidden: int, client: int) -> list[float]:
@@ -164,36 +210,71 @@ class Bench:
         # from the server and the inference thread and the benchmark would measure itself
         self.clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def body(self, client: int, types: list[str], steered: bool) -> dict:
+    def body(self, client: int, types: list[str], steered: bool, prompt: str | None = None, new: int = 0) -> dict:
         vectors = []
         if steered:
             vec = steer_vector(self.loaded.hidden_size, client)
             vectors = [{"hook": f"blocks.{self.layer}.hook_resid_post", "strength": 4.0, "steering_vector": vec}]
         return {
-            "prompt": [{"role": "user", "content": self.prompts[client][0]}],
+            "prompt": [{"role": "user", "content": prompt or self.prompts[client % len(self.prompts)][0]}],
             "types": types,
             "vectors": vectors,
             "normalize_steering": True,
             "temperature": 0,
             "seed": client,
-            "n_completion_tokens": self.args.new_tokens,
+            "n_completion_tokens": new or self.args.new_tokens,
             "stream": True,
         }
 
-    def run(self, bodies: list[dict]) -> dict:
-        """Run bodies concurrently; aggregate tokens/s (tokens counted by the engine) and latencies."""
+    def run(self, bodies: list[dict], offsets: list[float] | None = None) -> dict:
+        """Run bodies concurrently (or at `offsets` s); aggregate tokens/s (counted by the engine), latencies."""
         engine = self.runtime.engine
         before = engine.stats["tokens"]
-        with EngineTrace(engine) as trace:
-            results, wall = self.clients.submit(run_concurrent_sync, self.url, bodies).result()
+        kv = KVWatch(engine)
+        with EngineTrace(engine) as trace, kv:
+            if offsets is None:
+                results, wall = self.clients.submit(run_concurrent_sync, self.url, bodies).result()
+            else:
+                results, wall = self.clients.submit(run_arrivals_sync, self.url, bodies, offsets).result()
         tokens = engine.stats["tokens"] - before
-        expected = sum(len(b["types"]) for b in bodies) * self.args.new_tokens
+        expected = sum(len(b["types"]) * b["n_completion_tokens"] for b in bodies)
         out = {"requests": len(bodies), "tokens": tokens, "expected_tokens": expected, "wall_s": wall}
         out |= {"tokens_per_s": tokens / wall} | latency_summary(results)
         out["axis_frames"] = sum(1 for r in results if r.final.get("assistant_axis"))
-        out |= trace.summary(results)
+        out |= trace.summary(results) | kv.summary()
         out["_results"] = results
         return out
+
+    def mixed(self, name: str, long_tokens: int, shorts: int) -> None:
+        """`shorts` short steered clients and one long-prompt one, sent together: the short rows' latencies."""
+        text, n_long = prompt_for(self.loaded.tokenizer, 99, long_tokens)
+        bodies = [self.body(i, ["STEERED"], True) for i in range(shorts)]
+        bodies.append(self.body(shorts, ["STEERED"], True, prompt=text))
+        r = self.run(bodies)
+        results = r.pop("_results")
+        r |= {"long_prompt_tokens": n_long, "long_ttft_ms": 1000 * results[-1].ttft}
+        r |= {"long_decode_tokens_per_s": decode_rate(results[-1])}
+        if shorts:
+            short = latency_summary(results[:-1])
+            r |= {f"short_{k}": v for k, v in short.items()}
+            base = self.results.get("w2_steered", {}).get("itl_p50_ms")
+            r["short_itl_ratio"] = short["itl_p50_ms"] / base if base else None
+        self.results[name] = r
+
+    def w7(self) -> None:
+        a = self.args
+        small = a.smoke or a.device != "cuda"
+        median, longest = (30, 120) if a.smoke else (300, 8000) if not small else (100, 1000)
+        new_lo, new_hi = (2, 6) if a.smoke else (32, 512) if not small else (8, 64)
+        plan = w7_plan(a.w7_requests, 7, median, longest, new_lo, new_hi, a.w7_rate)
+        bodies = []
+        for i, (p_tokens, new, _) in enumerate(plan):
+            text, _ = prompt_for(self.loaded.tokenizer, i, p_tokens)
+            bodies.append(self.body(i, ["STEERED"], True, prompt=text, new=new))
+        r = self.run(bodies, [at for _, _, at in plan])
+        r.pop("_results")
+        r |= {"rate_per_s": a.w7_rate, "prompt_median": median, "prompt_max": longest, "new_range": [new_lo, new_hi]}
+        self.results["w7"] = r
 
     def w1(self) -> None:
         r = self.run([self.body(0, ["STEERED"], True)])
@@ -224,6 +305,47 @@ class Bench:
             "default_wall_s": statistics.median(single),
             "ratio": statistics.median(pair) / statistics.median(single),
             "repeats": self.args.repeats,
+        }
+
+
+def decode_rate(result) -> float:
+    """A stream's decode tokens/s: frames after the first over the time they took."""
+    frames = result.token_frames
+    return (len(frames) - 1) / (frames[-1] - frames[0]) if len(frames) > 1 else 0.0
+
+
+class KVWatch:
+    """Samples the paged engine's KV blocks every step: peak blocks used, and blocks used × block size over
+    the tokens whose keys/values are in the cache (1.0 = no waste beyond partly filled last blocks)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.peak_blocks, self.ratios = engine, 0, []
+
+    def __enter__(self) -> KVWatch:
+        def step(info: dict) -> None:
+            if info.get("kv_cached_tokens"):
+                self.peak_blocks = max(self.peak_blocks, info["kv_used_blocks"])
+                self.ratios.append(info["kv_used_blocks"] * info["kv_block_size"] / info["kv_cached_tokens"])
+
+        self._unsubscribe = self.engine.observers.subscribe(step=step)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unsubscribe()
+
+    def summary(self) -> dict:
+        kv = self.engine.kv_stats()
+        if not kv or not self.ratios:
+            return {}
+        per_token = getattr(self.engine, "kv_bytes_per_token", 0)
+        return {
+            "kv_peak_blocks": self.peak_blocks,
+            "kv_peak_gb": self.peak_blocks * kv["kv_block_size"] * per_token / 1e9,
+            "kv_pool_gb": kv["kv_blocks_total"] * kv["kv_block_size"] * per_token / 1e9,
+            "kv_used_over_live_max": max(self.ratios),
+            "kv_used_over_live_median": statistics.median(self.ratios),
+            "prefix_hit_rate": kv["prefix_hit_rate"],
+            "preemptions": kv["preemptions"],
         }
 
 
@@ -262,7 +384,14 @@ def run_workloads(bench: Bench, runtime: Runtime, axis: AssistantAxis) -> None:
     timed("W4 monitoring off", bench.w2, "w4_monitoring_off", True)  # W2 steered again, right before "on"
     runtime.axis = axis
     timed("W4 monitoring on", bench.w2, "w4_monitoring_on", True)
-    sequential = start_engine(bench.loaded, 1, bench.args.decode)
+    runtime.axis = None
+    args = bench.args
+    timed("W5 mixed lengths", bench.mixed, "w5", args.w5_long, args.clients - 1)
+    timed("W6 long prompt alone", bench.mixed, "w6_alone", args.w6_long, 0)
+    timed("W6 long prompt beside short ones", bench.mixed, "w6_mixed", args.w6_long, args.clients - 1)
+    timed("W7 realistic mix", bench.w7)
+    tokens = 4 * (max(n for _, n in bench.prompts) + args.new_tokens)  # a small pool: the batched engine holds the GPU
+    sequential = start_engine(bench.loaded, 1, bench.args.decode, kv_cache_tokens=tokens)
     runtime.attach(bench.loaded, sequential)
     runtime.axis = None
     timed("W2 one at a time", bench.w2, "w2_one_at_a_time", True, bench.args.seq_clients)
@@ -275,7 +404,7 @@ def run_all(args: argparse.Namespace) -> dict:
     settings = Settings(device=args.device, log_format="text", log_level="WARNING")
     loaded = load(args, settings)
     runtime = Runtime(settings, owns_engine=False)
-    batched = start_engine(loaded, max(args.clients, 2), args.decode)
+    batched = start_engine(loaded, max(args.clients, 2), args.decode, max_model_len=max(65536, args.w6_long + 1024))
     runtime.attach(loaded, batched)
     axis, axis_source = monitoring_axis(runtime, loaded)
     app = create_app(runtime=runtime)
@@ -307,12 +436,18 @@ def environment(args: argparse.Namespace, loaded: LoadedModel, axis_source: str)
         "seq_clients": args.seq_clients,
         "new_tokens": args.new_tokens,
         "decode": args.decode,
+        "attention": args.attention,
+        "w5_long": args.w5_long,
+        "w6_long": args.w6_long,
+        "w7_requests": args.w7_requests,
+        "w7_rate": args.w7_rate,
         "axis_source": axis_source,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    ATTENTION[0] = args.attention
     started = time.perf_counter()
     numbers = run_all(args)
     numbers["total_s"] = time.perf_counter() - started

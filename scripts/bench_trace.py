@@ -9,34 +9,23 @@ import torch
 
 
 class EngineTrace:
-    """When jobs reached the engine, what each prefill took and when it handed out its first tokens: where the
-    time to first token goes. Instance attributes shadow three engine methods for the duration of one workload."""
+    """When jobs reached the engine, what each step with prompt tokens took and when it handed out first tokens:
+    where the time to first token goes. Subscribed to `engine.observers` for the duration of one workload."""
 
     def __init__(self, engine) -> None:
         self.engine, self.arrivals, self.prefills, self.emitted = engine, [], [], []
 
     def __enter__(self) -> EngineTrace:
-        submit, prefill, accept = self.engine.submit, self.engine._prefill, self.engine._accept
-        inside = [False]
-
-        def traced_submit(job):
+        def submitted(job) -> None:
             self.arrivals.append(time.perf_counter())
-            return submit(job)
 
-        def traced_prefill(jobs):
-            started, inside[0] = time.perf_counter(), True  # a prefill ends by sampling on the host
-            try:
-                prefill(jobs)
-            finally:
-                inside[0] = False
-            self.prefills.append((sum(len(j.rows) for j in jobs), started, time.perf_counter()))
+        def step(info: dict) -> None:
+            if info["prefill_tokens"]:
+                self.prefills.append((info["first_tokens"], info["started"], info["ended"]))
+            if info["first_tokens"]:  # stamped before the events leave, so every first frame comes after it
+                self.emitted.append(info["emitted"])
 
-        def traced_accept(rows, tokens):
-            if inside[0]:  # stamped before the events leave, so every first frame comes after its stamp
-                self.emitted.append(time.perf_counter())
-            return accept(rows, tokens)
-
-        self.engine.submit, self.engine._prefill, self.engine._accept = traced_submit, traced_prefill, traced_accept
+        self._unsubscribe = self.engine.observers.subscribe(submitted=submitted, step=step)
         self.allocator = self._allocator()
         return self
 
@@ -49,7 +38,7 @@ class EngineTrace:
         return {key: stats.get(key, 0) for key in ("num_device_alloc", "num_alloc_retries")}
 
     def __exit__(self, *exc) -> None:
-        del self.engine.submit, self.engine._prefill, self.engine._accept
+        self._unsubscribe()
 
     def summary(self, results: list) -> dict:
         """perf_counter is one monotonic clock for every process of the machine: client times compare."""

@@ -1,7 +1,9 @@
-"""Do the decode modes agree? The same greedy requests through DECODE_MODE=dynamic, static and graphs.
+"""Do the decode modes agree? The same greedy requests through DECODE_MODE=paged (also with 32-token
+steps, i.e. chunked prompts, and with a KV pool so small that rows are preempted and recomputed),
+dynamic, static and graphs.
 
-    pipenv run python -m scripts.check_decode_modes                           # embedded model, CPU: dynamic vs static
-    python -m scripts.check_decode_modes --arch qwen2.5-1.5b --tokenizer DIR  # GPU: dynamic, static, graphs
+    pipenv run python -m scripts.check_decode_modes                           # embedded model, CPU
+    python -m scripts.check_decode_modes --arch qwen2.5-1.5b --tokenizer DIR  # GPU: graphs too
 
 Each mode serves, on its own engine: every request alone, then all of them at once (rows joining a
 running batch, leaving at different lengths), some steered (add and cap, distinct vectors and layers),
@@ -75,16 +77,31 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     loaded = load(args, Settings(_env_file=None, device=args.device))
     rows = requests(loaded, args.rows, args.new_tokens)
-    modes = ["dynamic", "static"] + (["graphs"] if args.device == "cuda" else [])
+    longest = max(len(r.prompt_ids) + r.sampling.max_new_tokens for r in rows)
+    pool = args.rows * (longest + 16)
+    variants = {
+        "paged": {"decode": "paged", "kv_cache_tokens": pool},
+        "paged-chunked": {"decode": "paged", "kv_cache_tokens": pool, "step_tokens": 32},
+        "paged-preempting": {"decode": "paged", "kv_cache_tokens": 3 * (longest + 16)},
+        "dynamic": {"decode": "dynamic"},
+        "static": {"decode": "static", "static_len": 512},
+    }
+    if args.device == "cuda":
+        variants["paged-eager"] = {"decode": "paged", "kv_cache_tokens": pool, "cuda_graphs": False}
+        variants["graphs"] = {"decode": "graphs", "static_len": 512}
+    modes = list(variants)
     out: dict[str, tuple[list[list[int]], list[list[int]]]] = {}
-    for mode in modes:
-        engine = PersonaEngine(loaded, max_batch_size=args.rows, decode=mode, static_len=512)
+    preempted = 0
+    for mode, kwargs in variants.items():
+        engine = PersonaEngine(loaded, max_batch_size=args.rows, **kwargs)
         engine.start()
         assert engine.wait_ready(600), engine.broken
         out[mode] = asyncio.run(serve(engine, rows))
+        preempted += engine.stats.get("preemptions", 0) if mode == "paged-preempting" else 0
         engine.stop()
         assert our_hooks(loaded.model) == [], "a steering hook outlived its forward"
     print(f"{loaded.model_id} on {args.device}: {args.rows} greedy rows, up to {args.new_tokens} tokens")
+    print(f"paged-preempting: {preempted} preemptions")
     print("| compared | rows |\n|---|---|")
     for mode in modes:
         print(f"| {mode}: batched vs alone | {agreement(out[mode][1], out[mode][0])} |")

@@ -84,12 +84,20 @@ def child_run(spec: dict) -> dict:
 
         built_on: dict[int, set[str]] = {}
 
-        def _steering_for(self, rows):
-            steering = super()._steering_for(rows)
-            for site, table in steering.tables.items():
+        def _record(self, tables) -> None:
+            for site, table in tables.items():
                 tensors = [table.add, *(u for u, _ in table.caps), *table.captures]
                 self.built_on.setdefault(site, set()).update(str(t.device) for t in tensors if t is not None)
+
+        def _steering_for(self, rows):  # legacy padded modes
+            steering = super()._steering_for(rows)
+            self._record(steering.tables)
             return steering
+
+        def _row_tables(self, rows):  # the paged engine
+            tables = super()._row_tables(rows)
+            self._record(tables)
+            return tables
 
     loaded = load_through_loader(spec | {"quantization": "none"})
     model, mem_load = loaded.model, gpu_memory(loaded)

@@ -39,6 +39,14 @@ def trait_detail(runtime: Serving, name: str) -> TraitDetail:
     )
 
 
+def engine_stats(engine) -> dict:
+    """The engine's counters, its decode mode and, for the paged engine, KV blocks and prefix-cache hits."""
+    if engine is None:
+        return {}
+    kv = engine.kv_stats() if hasattr(engine, "kv_stats") else {}
+    return dict(engine.stats, max_batch_size=engine.max_batch_size, decode_mode=engine.decode_mode, **kv)
+
+
 def status(runtime: ServerState) -> StatusResponse:
     loaded, engine = runtime.loaded, runtime.engine
     return StatusResponse(
@@ -60,7 +68,7 @@ def status(runtime: ServerState) -> StatusResponse:
         ),
         queue_depth=engine.queue_depth if engine else 0,
         active_requests=engine.active_requests if engine else 0,
-        engine=dict(engine.stats, max_batch_size=engine.max_batch_size) if engine else {},
+        engine=engine_stats(engine),
         hooks_attached=len(our_hooks(loaded.model)) if loaded else 0,
         load_seconds=round(loaded.load_seconds, 2) if loaded else None,
         uptime_s=round(time.time() - runtime.started_at, 1),

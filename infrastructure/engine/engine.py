@@ -1,8 +1,11 @@
 """PersonaEngine: one per process, one inference thread, iteration-level batching with per-row steering.
 
-Each turn of the loop admits waiting jobs (one batched prefill, merged into the running KV cache), drops
-cancelled rows, then runs one decode step for every running row. Steering hooks live for exactly one
-forward pass (removed in `finally`): between steps and when idle the model carries no hook of ours.
+DECODE_MODE=paged (the default): a scheduler, a paged KV-cache manager and a model runner
+(`paged_loop.py`): ragged chunked prefill shares steps with decoding rows, memory decides how many rows
+run. The legacy modes (dynamic / static / graphs) admit waiting jobs with one left-padded prefill merged
+into a running cache, then decode every running row. Steering hooks live for exactly one forward pass
+(removed in `finally`) or one graph capture: between steps the model carries no hook of ours.
+Metrics, traces and fault injection attach through `engine.observers`.
 """
 
 from __future__ import annotations
@@ -28,6 +31,8 @@ from infrastructure.engine.job import (
     SamplingParams,
 )
 from infrastructure.engine.lifecycle import RowLifecycle
+from infrastructure.engine.observers import EngineObservers
+from infrastructure.engine.paged_loop import PagedLoop
 from infrastructure.engine.rows import Row, eos_ids, left_pad_batch, record_captures, resident
 from infrastructure.engine.sampling import RowSampler, sample
 from infrastructure.engine.static_batch import StaticBatch, decode_mode
@@ -44,7 +49,7 @@ from infrastructure.steering.sites import site_module
 log = logging.getLogger(__name__)
 
 
-class PersonaEngine(RowLifecycle):
+class PersonaEngine(PagedLoop, RowLifecycle):
     def __init__(
         self,
         loaded: LoadedModel,
@@ -52,26 +57,40 @@ class PersonaEngine(RowLifecycle):
         max_batch_size: int = 32,
         max_queue: int = 256,
         max_model_len: int = 65536,
-        decode: str = "dynamic",
+        decode: str = "paged",
         static_len: int = 4096,
+        block_size: int = 16,
+        kv_cache_tokens: int = 0,
+        step_tokens: int = 8192,
+        prefix_caching: bool = True,
+        gpu_memory_utilization: float = 0.9,
+        cuda_graphs: bool = True,
+        attention: str = "auto",
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self.decode_mode = decode_mode(decode, loaded)  # dynamic | static | graphs
-        longest = static_len if self.decode_mode != "dynamic" else max_model_len  # the static cache's columns
+        self.decode_mode = decode_mode(decode, loaded)  # paged | dynamic | static | graphs
+        self.block_size, self.kv_cache_tokens, self.step_tokens = block_size, kv_cache_tokens, step_tokens
+        self.prefix_caching, self.gpu_memory_utilization = prefix_caching, gpu_memory_utilization
+        self.cuda_graphs = cuda_graphs  # paged: decode steps replay CUDA graphs on one unquantised GPU
+        self.attention = attention  # paged attention kernel: auto | flash | grouped | rows
+        static = self.decode_mode in ("static", "graphs")
+        longest = static_len if static else max_model_len  # the static cache's columns
         self.context_len = min(max_model_len, longest, loaded.max_positions)
         self.special_ids = frozenset(self.tokenizer.all_special_ids)
         self.eos_ids = eos_ids(loaded.model, loaded.tokenizer)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else min(self.eos_ids)
-        self.fault: Callable[[str], None] | None = None  # fault injection: called before every forward
+        self.observers = EngineObservers()
         self.ready = False
         self.broken: str | None = None
         self.started_at = time.time()
         self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "last_batch": 0, "max_batch": 0, "failed_batches": 0}
         self.stats["failed_rows"] = 0  # rows failed alone by the sampler's guard (non-finite logits)
+        self.stats["preemptions"] = 0
+        self._active = self._queued = 0
         self._pending: deque[GenerationJob] = deque()
         self._cv = threading.Condition()
         self._rows: list[Row] = []
@@ -100,12 +119,34 @@ class PersonaEngine(RowLifecycle):
         return self.ready
 
     @property
+    def fault(self) -> Callable[[str], None] | None:
+        """Fault injection: called before every forward with its phase (an observer hook)."""
+        return self.observers.fault
+
+    @fault.setter
+    def fault(self, hook: Callable[[str], None] | None) -> None:
+        self.observers.fault = hook
+
+    @property
     def queue_depth(self) -> int:
+        if self.decode_mode == "paged":
+            return len(self._pending) + self._queued
         return len(self._pending)
 
     @property
     def active_requests(self) -> int:
+        if self.decode_mode == "paged":
+            return self._active
         return len({id(r.job) for r in self._rows})
+
+    def kv_stats(self) -> dict[str, float]:
+        """Paged KV cache: blocks total/used/cached, block size, preemptions, prefix-cache hit rate."""
+        kv = getattr(self, "_kv", None)
+        if kv is None:
+            return {}
+        graphs = getattr(self, "_graphs", None)
+        replays = {"graph_captures": graphs.captures, "graph_replays": graphs.replays} if graphs else {}
+        return kv.snapshot() | {"preemptions": self.stats.get("preemptions", 0)} | replays
 
     def submit(self, job: GenerationJob) -> AsyncIterator[Event]:
         """Queue a job (raising at once if it cannot be taken) and return its event stream."""
@@ -119,10 +160,11 @@ class PersonaEngine(RowLifecycle):
             self.check_prompt(len(row.prompt_ids))
         job.bind(asyncio.get_running_loop())
         with self._cv:
-            if len(self._pending) >= self.max_queue:
-                raise QueueFullError(f"{len(self._pending)} requests are already waiting (MAX_QUEUE)")
+            if self.queue_depth >= self.max_queue:
+                raise QueueFullError(f"{self.queue_depth} requests are already waiting (MAX_QUEUE)")
             self._pending.append(job)
             self._cv.notify()
+        self.observers.notify("submitted", job)
         return job.events()
 
     async def collect(self, job: GenerationJob) -> list[RowFinished]:
@@ -160,6 +202,9 @@ class PersonaEngine(RowLifecycle):
     def _run(self) -> None:
         try:
             with torch.inference_mode():
+                if self.decode_mode == "paged":
+                    self._run_paged()
+                    return
                 if self.decode_mode != "dynamic":
                     graphs = self.decode_mode == "graphs"
                     self._batch = StaticBatch(self.model, self.max_batch_size, self.context_len, graphs)
@@ -178,7 +223,16 @@ class PersonaEngine(RowLifecycle):
             self.broken = f"{type(exc).__name__}: {exc}"
             log.exception("inference loop died")
         finally:
-            self._fail_all(EngineUnavailableError(self.broken or "the server is shutting down"))
+            error = EngineUnavailableError(self.broken or "the server is shutting down")
+            self._fail_all_paged(error) if self.decode_mode == "paged" else self._fail_all(error)
+
+    def _run_paged(self) -> None:
+        self._start_paged()
+        self.ready = True
+        while self._take_paged():
+            self._drop_paged()
+            if self._sched.has_work:
+                self._step()
 
     def _warm_up(self) -> None:
         """One tiny generation through the normal path (also proves the model runs)."""
@@ -206,6 +260,7 @@ class PersonaEngine(RowLifecycle):
         )
 
     def _prefill(self, jobs: list[GenerationJob]) -> None:
+        started = time.perf_counter()
         self._settle()
         try:
             rows = [self._new_row(job, i, req) for job in jobs for i, req in enumerate(job.rows)]
@@ -221,11 +276,10 @@ class PersonaEngine(RowLifecycle):
             ]
             steering.set_mask(self._mask_tensor(mask))
             cache = DynamicCache(config=self.model.config)
-            if self.fault is not None:
-                self.fault("prefill")
+            self.observers.before_forward("prefill")
             logits = run_forward(self.model, steering, ids, attention, positions, cache)
             record_captures(rows, steering.captured, prefill=True)
-            tokens = self._fail_rows(rows, sample(logits, [r.sampler for r in rows]))
+            tokens = self._guard_rows(rows, sample(logits, [r.sampler for r in rows]))
         except Exception as exc:
             self.stats["failed_batches"] += 1  # a failed prefill is a failed batch too
             self._fail_jobs(jobs, exc)
@@ -234,8 +288,13 @@ class PersonaEngine(RowLifecycle):
         self._batch.merge(cache, attention, positions[:, -1] + 1, torch.tensor(tokens, device=self.loaded.device))
         self._rows.extend(rows)
         self._steering = None
+        emitted = time.perf_counter()
         self._accept(rows, tokens)
         self._retire()
+        if self.observers.has("step"):
+            n = sum(r.prompt_len for r in rows)
+            info = {"rows": len(rows), "tokens": n, "prefill_tokens": n, "first_tokens": len(rows)}
+            self.observers.notify("step", info | {"started": started, "emitted": emitted, "ended": time.perf_counter()})
 
     def _decode(self, ahead: bool = True) -> None:
         """One decode step: launch it (unless it already is) and collect it. With static slots, when no row can
@@ -247,7 +306,7 @@ class PersonaEngine(RowLifecycle):
                 self._launch(rows, [r.generated[-1] for r in rows])
             logits, captured = self._batch.collect()
             record_captures(rows, captured, prefill=False)
-            tokens = self._fail_rows(rows, sample(logits, [r.sampler for r in rows]))
+            tokens = self._guard_rows(rows, sample(logits, [r.sampler for r in rows]))
             self._batch.next_token = torch.tensor(tokens, device=self.loaded.device)
             if ahead and self._may_run_ahead(rows, tokens):
                 self._launch(rows, tokens)
@@ -269,8 +328,7 @@ class PersonaEngine(RowLifecycle):
         if mask != self._step_mask[0]:  # usually the same every step: upload it only when it changes
             self._step_mask = (mask, self._mask_tensor(mask) if steers else None)
         self._steering.set_mask(self._step_mask[1])
-        if self.fault is not None:
-            self.fault("decode")
+        self.observers.before_forward("decode")
         self._batch.launch(self.model, self._steering)
 
     def _may_run_ahead(self, rows: list[Row], tokens: list[int]) -> bool:

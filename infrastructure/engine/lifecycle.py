@@ -16,6 +16,13 @@ log = logging.getLogger("infrastructure.engine.engine")
 
 
 class RowLifecycle:
+    def _emit(self, events: list[tuple[GenerationJob, Event]]) -> None:
+        """Hand events to their jobs (one wake-up per event loop) after the observers saw them."""
+        if events and self.observers.has("event"):
+            for job, event in events:
+                self.observers.notify("event", job, event)
+        emit_all(events)
+
     def _take_jobs(self) -> list[GenerationJob] | None:
         """Waiting jobs that fit in the batch; blocks while idle. None: stop the loop."""
         with self._cv:
@@ -29,7 +36,8 @@ class RowLifecycle:
             while self._pending and len(self._pending[0].rows) <= room:
                 job = self._pending.popleft()
                 if job.deadline is not None and time.monotonic() > job.deadline:
-                    job.emit(JobFailed(RequestTimeoutError("the request waited longer than its time budget")))
+                    late = RequestTimeoutError("the request waited longer than its time budget")
+                    self._emit([(job, JobFailed(late))])
                     continue
                 if job.cancelled:
                     continue
@@ -41,12 +49,12 @@ class RowLifecycle:
         """Give every row its token; the step's events go to the event loop(s) in one hand-over."""
         events: list[tuple[GenerationJob, Event]] = []
         for row, token in zip(rows, tokens):
-            if row.finish_reason is not None:  # failed by `_fail_rows` in this step
+            if row.finish_reason is not None:  # failed by `_guard_rows` in this step
                 continue
             event = row.accept(token)
             if event is not None:
                 events.append((row.job, event))
-        emit_all(events)
+        self._emit(events)
         self.stats["tokens"] += len(tokens)
 
     def _drop_cancelled(self) -> None:
@@ -55,7 +63,7 @@ class RowLifecycle:
         for row in self._rows:
             if row.job.deadline is not None and now > row.job.deadline and id(row.job) not in timed_out:
                 timed_out.add(id(row.job))
-                row.job.emit(JobFailed(RequestTimeoutError("the request exceeded its time budget")))
+                self._emit([(row.job, JobFailed(RequestTimeoutError("the request exceeded its time budget")))])
                 row.job.cancel()
             if row.job.cancelled and row.finish_reason is None:
                 row.finish_reason = "cancelled"
@@ -69,12 +77,12 @@ class RowLifecycle:
                 keep.append(i)
             elif not row.job.cancelled:
                 events.append((row.job, row.finished_event()))
-        emit_all(events)
+        self._emit(events)
         if len(keep) != len(self._rows):
             self._rows = [self._rows[i] for i in self._batch.select(keep)]
             self._steering = None
 
-    def _fail_rows(self, rows: list[Row], tokens: list[int | None]) -> list[int]:
+    def _guard_rows(self, rows: list[Row], tokens: list[int | None]) -> list[int]:
         """Rows the sampler could not serve (None: non-finite logits) fail their own job only; the step's
         other rows keep their tokens. Returns every row's token, the pad id standing in for failed rows."""
         failed = {id(row.job): row.job for row, token in zip(rows, tokens) if token is None}
@@ -104,7 +112,7 @@ class RowLifecycle:
         if isinstance(exc, torch.OutOfMemoryError) and torch.cuda.is_available():
             torch.cuda.empty_cache()
         for job in jobs:
-            job.emit(JobFailed(error))
+            self._emit([(job, JobFailed(error))])
 
     def _fail_all(self, error: PersonaError) -> None:
         jobs = list({id(r.job): r.job for r in self._rows}.values())
@@ -114,4 +122,4 @@ class RowLifecycle:
         self._rows, self._steering = [], None
         self._batch.clear()
         for job in jobs:
-            job.emit(JobFailed(error))
+            self._emit([(job, JobFailed(error))])

@@ -73,14 +73,13 @@ class _Step:
 
 
 def decode_mode(requested: str, loaded) -> str:
-    """Resolve DECODE_MODE: `auto` captures CUDA graphs when the whole model sits on one GPU unquantised
-    (a graph replays on one device, and bitsandbytes kernels are not capture-safe); else dynamic."""
-    if requested != "auto":
-        if requested == "graphs" and loaded.device.type != "cuda":
-            raise ValueError("DECODE_MODE=graphs needs a CUDA device")
-        return requested
-    one_gpu = loaded.device.type == "cuda" and len(set(loaded.devices)) == 1
-    return "graphs" if one_gpu and loaded.quantization == "none" else "dynamic"
+    """Resolve DECODE_MODE: `auto` is the paged engine; `dynamic`, `static` and `graphs` are the legacy
+    padded-batch modes (kept for comparison; `graphs` needs the model on one CUDA device)."""
+    if requested == "auto":
+        return "paged"
+    if requested == "graphs" and loaded.device.type != "cuda":
+        raise ValueError("DECODE_MODE=graphs needs a CUDA device")
+    return requested
 
 
 def buckets(limit: int, start: int, grow) -> list[int]:

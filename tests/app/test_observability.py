@@ -76,3 +76,14 @@ async def test_access_log_is_one_json_line_with_the_request_id(client, caplog):
     assert line["request_id"] == "trace-me-7" and line["message"] == "request"
     assert line["path"] == "/status" and line["status"] == 200 and line["method"] == "GET"
     assert line["duration_ms"] >= 0 and line["level"] == "INFO"
+
+
+async def test_paged_kv_cache_in_metrics_and_status(client):
+    metrics = samples((await client.get("/metrics")).text)
+    assert value(metrics, "persona_kv_blocks_total") > 0 and value(metrics, "persona_kv_block_size") == 16
+    assert 0 <= value(metrics, "persona_kv_blocks_used") <= value(metrics, "persona_kv_blocks_total")
+    assert 0 <= value(metrics, "persona_prefix_cache_hit_rate") <= 1
+    assert ("persona_kv_preemptions_total", ()) in metrics
+    engine = (await client.get("/status")).json()["engine"]
+    assert engine["decode_mode"] == "paged" and engine["kv_block_size"] == 16
+    assert {"kv_blocks_total", "kv_blocks_used", "preemptions", "prefix_hit_rate"} <= set(engine)

@@ -39,7 +39,7 @@ async def _alone(engine, row: RowRequest):
 
 
 def test_static_mode_caps_the_context_and_uses_slots(static_engine, engine):
-    assert static_engine.decode_mode == "static" and engine.decode_mode == "dynamic"
+    assert static_engine.decode_mode == "static" and engine.decode_mode == "paged"  # paged is the default engine
     assert static_engine.context_len == 112
     batch = static_engine._batch
     assert batch.capacity == 4 and batch.keys[0].shape[0] == 4 and batch.keys[0].shape[2] == 112

@@ -38,6 +38,24 @@ EXPECTED_ROWS = [
     ("W2 batched ÷ one at a time", "throughput ratio"),
     ("W3 STEERED+DEFAULT ÷ DEFAULT only", "wall-time ratio"),
     ("W4 monitoring on ÷ off", "throughput ratio"),
+    *[
+        ("W5 2 short + 1 × 96-token prompt", metric)
+        for metric in ("short rows' ITL p50 ÷ W2 ITL p50", "short rows' TTFT p99 ms", "long row TTFT ms")
+    ],
+    ("W5 2 short + 1 × 96-token prompt", "aggregate tokens/s"),
+    ("W6 one 160-token prompt alone", "TTFT ms"),
+    ("W6 one 160-token prompt alone", "decode tokens/s"),
+    *[
+        ("W6 160-token prompt + 2 short", metric)
+        for metric in ("short rows' ITL p50 ÷ W2 ITL p50", "short rows' TTFT p99 ms", "long row TTFT ms")
+    ],
+    *[
+        ("W7 6 requests, Poisson 20/s", metric)
+        for metric in ("aggregate tokens/s", "TTFT p50 ms", "TTFT p99 ms", "ITL p50 ms", "ITL p99 ms")
+    ],
+    ("W2 KV cache", "blocks used × block size ÷ cached tokens, max"),
+    ("W2 KV cache", "peak GB in use"),
+    ("W2 KV cache", "pool GB reserved"),
 ]
 
 
@@ -95,6 +113,11 @@ def test_every_request_decoded_its_forced_length(smoke):
         assert run["requests"] == 3
         assert run["tokens"] == run["expected_tokens"] == 3 * numbers["new_tokens"], name
     assert numbers["w1"]["tokens"] == numbers["new_tokens"]
+    for name in ("w5", "w6_alone", "w6_mixed", "w7"):
+        run = numbers[name]
+        assert run["tokens"] == run["expected_tokens"] > 0, name
+    assert numbers["w5"]["long_prompt_tokens"] >= 96 and numbers["w6_alone"]["long_prompt_tokens"] >= 160
+    assert numbers["w7"]["requests"] == 6 and numbers["w7"]["prompt_max"] == 120
 
 
 @pytest.mark.slow  # the smoke run
@@ -104,6 +127,14 @@ def test_trace_accounts_for_every_request(smoke):
         run = numbers[name]
         assert sum(run["prefill_rows"]) == 3 and run["prefills"] == len(run["prefill_rows"]) >= 1, name
     assert numbers["w2_one_at_a_time"]["prefill_rows"] == [1, 1, 1]  # max_batch_size=1: one prefill per request
+
+
+@pytest.mark.slow  # the smoke run
+def test_paged_kv_use_is_close_to_the_live_tokens(smoke):
+    _, numbers = smoke
+    w2 = numbers["w2_steered"]
+    assert 1.0 <= w2["kv_used_over_live_max"] <= 2.0  # 24-token prompts in 16-token blocks: at most one partly filled
+    assert w2["kv_pool_gb"] > w2["kv_peak_gb"] > 0 and w2["preemptions"] == 0
 
 
 @pytest.mark.slow  # the smoke run

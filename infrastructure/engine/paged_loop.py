@@ -1,0 +1,340 @@
+"""The paged engine's loop (DECODE_MODE=paged): scheduler, KV-cache manager and model runner, one step
+at a time. Mixed into PersonaEngine, which owns the public API, the queue and the observers.
+
+Each turn: take queued jobs (their rows become waiting sequences), drop cancelled and timed-out rows
+(their blocks are freed at once), ask the scheduler for the step (decoding rows + prompt chunks within
+the token budget), run it, sample every row that finished its input, stream the tokens, publish full
+blocks to the prefix cache, retire finished rows. A failed forward fails only the jobs in that step.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from infrastructure.engine.detok import Detokenizer
+from infrastructure.engine.graphs import DecodeGraphs
+from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest, SamplingParams
+from infrastructure.engine.kv_cache import KVCacheManager
+from infrastructure.engine.paged_attention import KVPool
+from infrastructure.engine.paged_rows import PagedRow, steering_key
+from infrastructure.engine.rows import resident
+from infrastructure.engine.runner import ModelRunner, Work
+from infrastructure.engine.sampling import RowSampler, sample
+from infrastructure.engine.scheduler import Scheduler, Seq
+from infrastructure.errors import GenerationError, RequestTimeoutError, TokenLimitError
+from infrastructure.steering.hooks import build_tables
+
+log = logging.getLogger(__name__)
+
+
+class PagedLoop:
+    # ---- set-up ----
+
+    def _kv_blocks(self) -> int:
+        """Blocks in the pool: KV_CACHE_TOKENS when set; on CUDA, what the memory fraction leaves free
+        after the weights (minus activation headroom); on the CPU, max_batch_size x min(context, 2048)."""
+        per_token = KVPool.bytes_per_token(self.model, self._kv_dtype)
+        if self.kv_cache_tokens:
+            tokens = self.kv_cache_tokens
+        elif self.loaded.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.loaded.device)
+            headroom = 6 * 1024**3  # activations of a step, sampling, CUDA graphs' memory
+            budget = free - (1 - self.gpu_memory_utilization) * total - headroom
+            tokens = max(int(budget // per_token), self.block_size)
+        else:
+            tokens = self.max_batch_size * min(self.context_len, 2048)
+        return max(1, tokens // self.block_size)
+
+    def _kernel(self) -> str:
+        """PAGED_ATTENTION: auto = flash (bf16/fp16 on CUDA), grouped SDPA (fp32 on CUDA), per-row SDPA (CPU)."""
+        if self.attention != "auto":
+            return self.attention
+        if self.loaded.device.type != "cuda":
+            return "rows"
+        return "flash" if self._kv_dtype in (torch.bfloat16, torch.float16) else "grouped"
+
+    @property
+    def _kv_dtype(self) -> torch.dtype:
+        return self._table_dtype
+
+    def _start_paged(self) -> None:
+        blocks = self._kv_blocks()
+        self.kv_bytes_per_token = KVPool.bytes_per_token(self.model, self._kv_dtype)
+        self.attention_kernel = self._kernel()
+        self.context_len = min(self.context_len, blocks * self.block_size)
+        max_blocks = -(-self.context_len // self.block_size) + 1
+        self._runner = ModelRunner(
+            self.model, blocks, self.block_size, self._kv_dtype, self.attention_kernel, self.max_batch_size, max_blocks
+        )
+        self._kv = KVCacheManager(blocks, self.block_size, prefix_caching=self.prefix_caching)
+        self._sched = Scheduler(self._kv, self.max_batch_size, self.step_tokens)
+        self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
+        self._graphs = None
+        one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
+        if self.cuda_graphs and one_gpu and self.loaded.quantization == "none":
+            self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
+        self._live: list[PagedRow] = []
+        self._seq_ids = 0
+        self._tables_for: tuple[tuple[int, ...], dict] | None = None
+        ids = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)
+        if self.loaded.device.type == "cuda":  # a full step first: kernels chosen, activation memory reserved
+            ids = (ids * (self.step_tokens // len(ids) + 1))[: min(self.step_tokens, self.context_len - 4)]
+        self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
+        while self._sched.has_work:
+            self._step()
+
+    # ---- rows in and out ----
+
+    def _take_paged(self) -> bool:
+        """Move queued jobs into the scheduler; blocks while idle. False: stop the loop."""
+        with self._cv:
+            while not self._sched.has_work and not self._pending:
+                if self.stopping or self._abort:
+                    return False
+                self._cv.wait()
+            if self._abort:
+                return False
+            jobs = []
+            while self._pending:
+                job = self._pending.popleft()
+                if job.deadline is not None and time.monotonic() > job.deadline:
+                    late = RequestTimeoutError("the request waited longer than its time budget")
+                    self._emit([(job, JobFailed(late))])
+                elif not job.cancelled:
+                    jobs.append(job)
+        self._admit(jobs)
+        self._count_jobs()
+        return True
+
+    def _fail_all_paged(self, error) -> None:
+        with self._cv:
+            pending = list(self._pending)
+            self._pending.clear()
+        live = getattr(self, "_live", [])
+        jobs = list({id(r.job): r.job for r in live}.values()) + pending
+        for row in list(live):
+            self._sched.remove(row.seq)
+            self._release(row)
+        live.clear()
+        for job in jobs:
+            self._emit([(job, JobFailed(error))])
+
+    def _paged_row(self, job: GenerationJob, index: int, request: RowRequest) -> PagedRow:
+        key = steering_key(request.steering)
+        request = resident(request, self._device_of, self._table_dtype)
+        prompt = list(request.prompt_ids)
+        row = PagedRow(
+            job=job,
+            index=index,
+            request=request,
+            sampler=RowSampler(request.sampling, int(self.model.config.vocab_size), self.loaded.device),
+            detok=Detokenizer(self.tokenizer),
+            max_new=max(0, min(request.sampling.max_new_tokens, self.context_len - len(prompt))),
+            eos_ids=self.eos_ids,
+            steer_key=key,
+            special_ids=self.special_ids,
+        )
+        row.steer_bits = row.steer_mask(prompt, True, self.special_ids)
+        self._seq_ids += 1
+        lookup = None if request.captures else (lambda: row.prompt_keys(self.block_size))
+        row.seq = Seq(self._seq_ids, prompt, len(prompt), prefix_keys=lookup, payload=row)
+        return row
+
+    def _admit(self, jobs: list[GenerationJob]) -> None:
+        for job in jobs:
+            try:
+                rows = [self._paged_row(job, i, req) for i, req in enumerate(job.rows)]
+            except Exception as exc:
+                self._fail_jobs([job], exc)
+                continue
+            for row in rows:
+                self._live.append(row)
+                self._sched.add(row.seq)
+
+    def _drop_paged(self) -> None:
+        """Free the rows of cancelled and timed-out jobs (no event for a cancelled job: nobody listens)."""
+        now = time.monotonic()
+        gone: dict[int, GenerationJob] = {}
+        for row in self._live:
+            job = row.job
+            if job.deadline is not None and now > job.deadline and not job.cancelled:
+                self._emit([(job, JobFailed(RequestTimeoutError("the request exceeded its time budget")))])
+                job.cancel()
+            if job.cancelled:
+                gone[id(job)] = job
+        if gone:
+            self._remove_jobs(gone)
+            for job in gone.values():
+                self.observers.notify("cancelled", job)
+
+    def _remove_jobs(self, jobs: dict[int, GenerationJob]) -> None:
+        for row in [r for r in self._live if id(r.job) in jobs]:
+            self._sched.remove(row.seq)
+            self._live.remove(row)
+            self._release(row)
+        self._count_jobs()
+
+    def _release(self, row: PagedRow) -> None:
+        """Give back a row's block-table slot (finished, removed or preempted)."""
+        if row.slot is not None:
+            self._runner.forget(row.slot)
+            self._free_slots.append(row.slot)
+            row.slot = None
+
+    def _fail_rows(self, rows: list[PagedRow], exc: BaseException) -> None:
+        jobs = {id(r.job): r.job for r in rows}
+        self._remove_jobs(jobs)
+        self._fail_jobs(list(jobs.values()), exc)
+
+    def _fail_alone(self, rows: list[PagedRow]) -> None:
+        """Rows the sampler could not serve (non-finite logits): their jobs fail, the step's other rows go on."""
+        self.stats["failed_rows"] = self.stats.get("failed_rows", 0) + len(rows)
+        for job in {id(r.job): r.job for r in rows}.values():
+            log.warning("job %d: non-finite logits, its rows are dropped (the rest of the batch goes on)", job.id)
+        error = GenerationError("generation failed: the model produced non-finite values for this request")
+        self._fail_rows(rows, error)
+
+    # ---- one step ----
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        plan = self._sched.schedule()
+        for seq in plan.preempted:
+            self._release(seq.payload)
+        if not plan.items:
+            self._unservable()
+            return
+        items = [(seq.payload, n) for seq, n in plan.items]
+        for row, _ in items:
+            if row.slot is None:
+                row.slot = self._free_slots.pop()
+        prefill = [r for r, n in items if r.seq.computed < r.prompt_len]
+        try:
+            if prefill:
+                self.observers.before_forward("prefill")
+        except Exception as exc:  # fault injection: only the rows starting their prompt fail
+            self._fail_rows(prefill, exc)
+            items, prefill = [(r, n) for r, n in items if r in self._live], []
+            if not items:
+                return
+        rows = [r for r, _ in items]
+        works = [self._work(r, n) for r, n in items]
+        try:
+            if len(prefill) < len(items):
+                self.observers.before_forward("decode")
+            tables = self._row_tables(rows)
+            replayed = self._graphs.run(works, tables, self._tables_for[0]) if self._graphs else None
+            logits, captured = replayed or self._runner.execute(works, tables)
+            samplers = [r.sampler for r, w in zip(rows, works) if w.wants_logits]
+            picked = sample(logits, samplers) if samplers else []
+        except Exception as exc:
+            self.stats["failed_batches"] += 1
+            self._fail_rows(rows, exc)
+            return
+        # the sampler's guard: a row whose logits are not finite fails its own job, the others go on
+        sampling_rows = [r for r, w in zip(rows, works) if w.wants_logits]
+        broken = [r for r, token in zip(sampling_rows, picked) if token is None]
+        broken_jobs = {id(r.job) for r in broken}
+        tokens = iter(picked)
+        events: list[tuple[GenerationJob, Event]] = []
+        start = sampled = first = 0
+        for (row, n), work in zip(items, works):
+            if id(row.job) in broken_jobs:
+                start += n
+                if work.wants_logits:
+                    next(tokens)
+                continue
+            row.record_span(captured, start, row.seq.computed, n)
+            start += n
+            row.seq.computed += n
+            self._publish(row)
+            if work.wants_logits and row.max_new > 0:
+                sampled += 1
+                first += not row.generated
+                token = next(tokens)
+                row.push(token)
+                event = row.accept(token)
+                if event is not None:
+                    events.append((row.job, event))
+            elif row.seq.computed >= row.prompt_len and row.max_new == 0:
+                row.finish_reason = "length"  # prefill-only row: its captures are the result
+        emitted = time.perf_counter()
+        self._emit(events)
+        if broken:
+            self._fail_alone(broken)
+        self._finish([r for r in rows if id(r.job) not in broken_jobs])
+        prefill_tokens = sum(n for r, n in items if r in prefill)
+        self._count(sampled, len(rows), prefill_tokens)
+        if self.observers.has("step"):
+            info = {"rows": len(rows), "tokens": plan.num_tokens, "prefill_tokens": prefill_tokens}
+            info |= {"first_tokens": first, "started": started, "emitted": emitted, "ended": time.perf_counter()}
+            info |= {"kv_used_blocks": self._kv.used_blocks, "kv_block_size": self.block_size}
+            info["kv_cached_tokens"] = sum(s.computed for s in self._sched.running)
+            self.observers.notify("step", info)
+
+    def _work(self, row: PagedRow, n: int) -> Work:
+        seq = row.seq
+        pos = seq.computed
+        ends = pos + n == len(seq.tokens) and row.max_new > 0  # a prefill-only row samples nothing
+        steer = row.steer_bits[pos : pos + n]
+        return Work(seq.tokens[pos : pos + n], pos, self._kv.table(seq.seq_id), steer, ends, row.slot)
+
+    def _row_tables(self, rows: list[PagedRow]) -> dict:
+        """Per-row steering tables of the step's rows (rebuilt only when the row set changes)."""
+        key = tuple(r.seq.seq_id for r in rows)
+        if self._tables_for is None or self._tables_for[0] != key:
+            tables = build_tables(
+                [r.request.steering for r in rows],
+                [r.request.captures for r in rows],
+                self.loaded.hidden_size,
+                self._device_of,
+                self._table_dtype,
+            )
+            self._tables_for = (key, tables)
+        return self._tables_for[1]
+
+    def _publish(self, row: PagedRow) -> None:
+        """Offer the row's newly completed blocks to the prefix cache (again after a preemption: new blocks)."""
+        if row.published_for != row.seq.preemptions:
+            row.published, row.published_for = 0, row.seq.preemptions
+        full = row.seq.computed // self.block_size
+        while row.published < full:
+            self._kv.publish(row.seq.seq_id, row.published, row.block_key(row.published, self.block_size))
+            row.published += 1
+
+    def _finish(self, rows: list[PagedRow]) -> None:
+        events = []
+        for row in rows:
+            if row.finish_reason is None:
+                continue
+            events.append((row.job, row.finished_event()))
+            self._sched.remove(row.seq)
+            self._live.remove(row)
+            self._release(row)
+        self._emit(events)
+
+    def _unservable(self) -> None:
+        """Nothing could be scheduled: with nothing running, the queue's head can never fit the pool."""
+        if self._sched.running or not self._sched.waiting:
+            return
+        row = self._sched.waiting[0].payload
+        limit = self._kv.num_blocks * self.block_size
+        self._fail_rows([row], TokenLimitError(f"{row.prompt_len} prompt tokens do not fit the KV cache ({limit})"))
+
+    def _count(self, sampled: int, rows: int, prefill_tokens: int) -> None:
+        self.stats["steps"] += 1
+        self.stats["tokens"] += sampled
+        self.stats["prefills"] += bool(prefill_tokens)
+        self.stats["last_batch"] = rows
+        self.stats["max_batch"] = max(self.stats["max_batch"], rows)
+        self.stats["preemptions"] = self._sched.preemptions
+        self._count_jobs()
+
+    def _count_jobs(self) -> None:
+        """Jobs with a running row, and jobs only waiting (read by queue_depth / active_requests)."""
+        running = {id(s.payload.job) for s in self._sched.running}
+        self._active = len(running)
+        self._queued = len({id(s.payload.job) for s in self._sched.waiting} - running)
