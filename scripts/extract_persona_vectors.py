@@ -1,7 +1,11 @@
-"""Extract persona (trait) vectors: difference of mean response activations, positive minus negative instructions.
+"""Extract persona (trait) vectors: difference of mean answer activations, trait-expressing minus trait-free.
+
+Default method `contrastive`: the authored answer pairs of data/prompts/{trait}_trait.json, teacher-forced;
+layer and scalar range chosen on a validation split. Method `generation`: answers generated under positive /
+negative persona instructions (for models that follow them; optional LLM judge).
 
 pipenv run python scripts/extract_persona_vectors.py --traits sarcasm flattery
-pipenv run python scripts/extract_persona_vectors.py --model Qwen/Qwen2.5-7B-Instruct --judge-url http://...
+pipenv run python scripts/extract_persona_vectors.py --method generation --model Qwen/Qwen2.5-7B-Instruct --judge-url http://...
 """
 
 from __future__ import annotations
@@ -16,12 +20,14 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from infrastructure.persona.cli import ALL_TRAITS, running_engine  # noqa: E402
-from infrastructure.persona.trait_run import ExtractOptions, extract_trait  # noqa: E402
+from infrastructure.persona.trait_run import ExtractOptions, extract_trait, extract_trait_contrastive  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--traits", nargs="+", default=list(ALL_TRAITS))
+    p.add_argument("--method", choices=("contrastive", "generation"), default="contrastive")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--model", default=None, help="weights id/folder (default: MODEL_NAME or the embedded model)")
     p.add_argument("--prompts-dir", type=Path, default=Path("data/prompts"))
     p.add_argument("--out-dir", type=Path, default=Path("data/vectors"))
@@ -57,7 +63,11 @@ def run(loaded, engine, args: argparse.Namespace) -> list[Path]:
     written = []
     for trait in args.traits:
         started = time.perf_counter()
-        doc = extract_trait(loaded, engine, args.prompts_dir / f"{trait}_trait.json", options(args))
+        prompts = args.prompts_dir / f"{trait}_trait.json"
+        if args.method == "contrastive":
+            doc = extract_trait_contrastive(loaded, engine, prompts)
+        else:
+            doc = extract_trait(loaded, engine, prompts, options(args))
         path = args.out_dir / f"{trait}.json"
         path.write_text(json.dumps(doc, indent=1) + "\n")
         meta = doc["metadata"]
@@ -71,6 +81,10 @@ def run(loaded, engine, args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with running_engine(args.model, args.engine_batch) as (loaded, engine):
         run(loaded, engine, args)
 
