@@ -94,10 +94,18 @@ def _samples(results: list[TraitEval]) -> list[str]:
     return lines
 
 
+def loops(text: str, n: int = 4, times: int = 3) -> bool:
+    """Whether some n-word sequence occurs `times` times or more (a greedy answer stuck in a loop)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return any(grams.count(g) >= times for g in set(grams))
+
+
 def _notes(results: list[TraitEval]) -> list[str]:
     """An honest reading of the numbers, derived from them."""
     clear = [r.trait for r in results if r.margin_rise >= 0.4 and r.monotonic]
     weak = [r.trait for r in results if r.trait not in clear]
+    looping = [r.trait for r in results if any(loops(t) for t in r.samples[-1])]
     return [
         "## Reading the numbers",
         "",
@@ -109,6 +117,9 @@ def _notes(results: list[TraitEval]) -> list[str]:
         "it shows the vector survives two more layers, not that behaviour changed.",
         "- The fluency column is the perplexity of the trait-free references steered over unsteered: at +s it "
         "rises partly because the trait is promoted, at −s it should stay near 1.",
+        "- The guard scores teacher-forced reference text, not free generation: greedy samples at +s (the top of "
+        "the range) that repeat a 4-word phrase 3+ times: " + (", ".join(looping) or "none") + ". Lower strengths "
+        "on the playground's sliders (which span the range) trade effect for fluency.",
         "",
     ]
 
