@@ -73,10 +73,14 @@ async def run_teacher_forced(engine, job: TeacherForcedJob) -> TeacherForcedResu
     """Submit the job to the engine and wait for its result (raises the job's error)."""
     for s in job.sequences:
         engine.check_prompt(len(s.ids), "examples")
-    async for event in engine.submit(job):
-        if isinstance(event, JobFailed):
-            raise event.error
-        return event
+    events = engine.submit(job)
+    try:
+        async for event in events:
+            if isinstance(event, JobFailed):
+                raise event.error
+            return event
+    finally:
+        await events.aclose()
     raise RuntimeError("the engine closed the job without a result")
 
 

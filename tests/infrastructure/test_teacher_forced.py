@@ -10,8 +10,10 @@ import torch
 
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.engine.teacher_forced import ForcedSequence, TeacherForcedJob, run_teacher_forced
-from infrastructure.errors import InvalidRequestError
+from infrastructure.errors import GenerationError, InvalidRequestError
+from infrastructure.faults import build_fault
 from infrastructure.persona import activations as act
+from infrastructure.steering.hooks import our_hooks
 
 QA = [
     ("How do I boil an egg?", "Put it in boiling water for nine minutes."),
@@ -59,6 +61,19 @@ async def test_runs_between_decode_steps_without_changing_generation(loaded_mode
     together, *results = await asyncio.gather(generation, *forced)
     assert together[0].token_ids == alone[0].token_ids
     assert torch.equal(results[0].means, results[1].means)
+
+
+async def test_a_failing_forward_fails_only_its_job_and_leaves_no_hook(loaded_model, engine):
+    _, _, seqs = _rows(loaded_model.tokenizer)
+    engine.fault = build_fault("prefill:1")
+    try:
+        with pytest.raises(GenerationError):
+            await run_teacher_forced(engine, TeacherForcedJob(seqs, steer=(10, torch.ones(576), 1.0)))
+    finally:
+        engine.fault = None
+    assert our_hooks(loaded_model.model) == []
+    again = await run_teacher_forced(engine, TeacherForcedJob(seqs))
+    assert len(again.logprobs) == 3 and engine.ready and not engine.broken
 
 
 def test_bad_spans_are_refused():
