@@ -27,6 +27,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--traits", nargs="+", default=list(ALL_TRAITS))
     p.add_argument("--method", choices=("contrastive", "generation"), default="contrastive")
+    p.add_argument("--pairs", type=int, default=None, help="contrastive: use the first N authored pairs (>= 8)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--model", default=None, help="weights id/folder (default: MODEL_NAME or the embedded model)")
     p.add_argument("--prompts-dir", type=Path, default=Path("data/prompts"))
@@ -65,7 +66,7 @@ def run(loaded, engine, args: argparse.Namespace) -> list[Path]:
         started = time.perf_counter()
         prompts = args.prompts_dir / f"{trait}_trait.json"
         if args.method == "contrastive":
-            doc = extract_trait_contrastive(loaded, engine, prompts)
+            doc = extract_trait_contrastive(loaded, engine, prompts, args.pairs)
         else:
             doc = extract_trait(loaded, engine, prompts, options(args))
         path = args.out_dir / f"{trait}.json"

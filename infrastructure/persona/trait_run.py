@@ -112,11 +112,13 @@ def extract_trait(loaded: LoadedModel, engine: PersonaEngine, prompts_path: Path
     return doc
 
 
-def extract_trait_contrastive(loaded: LoadedModel, engine: PersonaEngine, prompts_path: Path) -> dict:
+def extract_trait_contrastive(
+    loaded: LoadedModel, engine: PersonaEngine, prompts_path: Path, max_pairs: int | None = None
+) -> dict:
     """The trait's vector file from its authored `contrastive_pairs` (teacher-forced, no generation):
     fitted on one split, layer and scalar range chosen on the other; the eval questions are never read."""
     spec = json.loads(Path(prompts_path).read_text())
-    pairs = [(p["question"], p["positive"], p["negative"]) for p in spec["contrastive_pairs"]]
+    pairs = [(p["question"], p["positive"], p["negative"]) for p in spec["contrastive_pairs"][:max_pairs]]
     result = asyncio.run(contrastive_run.extract(engine, contrastive_run.pair_examples(loaded.tokenizer, pairs)))
     fit_n = result.split["fit"]["positive"]
     doc = vector_file(
