@@ -13,9 +13,11 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# exact paths only (no prefixes): the probe, and the playground page with its two static files,
+# exact paths only (no prefixes): the probe, and the playground page with its static files,
 # which hold no data (the page sends the secret the user types with every API call it makes)
-OPEN_PATHS = frozenset({"/health", "/", "/playground/app.js", "/playground/app.css"})
+OPEN_PATHS = frozenset(
+    {"/health", "/", "/playground/app.js", "/playground/app.css", "/playground/chart.js", "/playground/extract.js"}
+)
 REGISTRY_PREFIX = "/api/v1/vectors"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 

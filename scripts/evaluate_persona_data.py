@@ -29,6 +29,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-questions", type=int, default=None)
     p.add_argument("--engine-batch", type=int, default=32)
     p.add_argument("--no-axis", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     return p.parse_args(argv)
 
 
@@ -62,6 +63,10 @@ def run(loaded, engine, args: argparse.Namespace) -> Path:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with running_engine(settings_for(args.model), args.engine_batch) as (loaded, engine):
         run(loaded, engine, args)
 

@@ -1,7 +1,11 @@
-"""Extract persona (trait) vectors: difference of mean response activations, positive minus negative instructions.
+"""Extract persona (trait) vectors: difference of mean answer activations, trait-expressing minus trait-free.
+
+Default method `contrastive`: the authored answer pairs of data/prompts/{trait}_trait.json, teacher-forced;
+layer and scalar range chosen on a validation split. Method `generation`: answers generated under positive /
+negative persona instructions (for models that follow them; optional LLM judge).
 
 pipenv run python -m scripts.extract_persona_vectors --traits sarcasm flattery
-pipenv run python -m scripts.extract_persona_vectors --model Qwen/Qwen2.5-7B-Instruct --judge-url http://...
+pipenv run python -m scripts.extract_persona_vectors --method generation --model Qwen/Qwen2.5-7B-Instruct --judge-url http://...
 """
 
 from __future__ import annotations
@@ -13,13 +17,16 @@ import time
 from pathlib import Path
 
 from infrastructure.persona.cli import ALL_TRAITS, running_engine
-from infrastructure.persona.trait_run import ExtractOptions, extract_trait
+from infrastructure.persona.trait_run import ExtractOptions, extract_trait, extract_trait_contrastive
 from scripts.config import settings_for
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--traits", nargs="+", default=list(ALL_TRAITS))
+    p.add_argument("--method", choices=("contrastive", "generation"), default="contrastive")
+    p.add_argument("--pairs", type=int, default=None, help="contrastive: use the first N authored pairs (>= 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--model", default=None, help="weights id/folder (default: MODEL_NAME or the embedded model)")
     p.add_argument("--prompts-dir", type=Path, default=Path("data/prompts"))
     p.add_argument("--out-dir", type=Path, default=Path("data/vectors"))
@@ -55,7 +62,11 @@ def run(loaded, engine, args: argparse.Namespace) -> list[Path]:
     written = []
     for trait in args.traits:
         started = time.perf_counter()
-        doc = extract_trait(loaded, engine, args.prompts_dir / f"{trait}_trait.json", options(args))
+        prompts = args.prompts_dir / f"{trait}_trait.json"
+        if args.method == "contrastive":
+            doc = extract_trait_contrastive(loaded, engine, prompts, args.pairs)
+        else:
+            doc = extract_trait(loaded, engine, prompts, options(args))
         path = args.out_dir / f"{trait}.json"
         path.write_text(json.dumps(doc, indent=1) + "\n")
         meta = doc["metadata"]
@@ -69,6 +80,10 @@ def run(loaded, engine, args: argparse.Namespace) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     with running_engine(settings_for(args.model), args.engine_batch) as (loaded, engine):
         run(loaded, engine, args)
 

@@ -1,4 +1,4 @@
-"""GET /: the steering playground, one static page and its script and style (no build step).
+"""GET /: the steering playground, one static page and its scripts and style (no build step).
 
 These paths are open even when SECRET is set (app/auth.py): they hold no data; the page asks for
 the secret and sends it with every API call it makes."""
@@ -9,9 +9,15 @@ from pathlib import Path
 
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
+from starlette.exceptions import HTTPException
 
 STATIC = Path(__file__).resolve().parent.parent / "static"
-ASSETS = {"app.js": "text/javascript", "app.css": "text/css"}
+ASSETS = {
+    "app.js": "text/javascript",
+    "chart.js": "text/javascript",
+    "extract.js": "text/javascript",
+    "app.css": "text/css",
+}
 PAGE_PATHS = frozenset({"/", *(f"/playground/{name}" for name in ASSETS)})
 
 router = APIRouter(include_in_schema=False)
@@ -22,11 +28,9 @@ async def page() -> FileResponse:
     return FileResponse(STATIC / "playground.html", media_type="text/html", headers={"Cache-Control": "no-cache"})
 
 
-@router.get("/playground/app.js")
-async def script() -> FileResponse:
-    return FileResponse(STATIC / "app.js", media_type=ASSETS["app.js"], headers={"Cache-Control": "no-cache"})
-
-
-@router.get("/playground/app.css")
-async def style() -> FileResponse:
-    return FileResponse(STATIC / "app.css", media_type=ASSETS["app.css"], headers={"Cache-Control": "no-cache"})
+@router.get("/playground/{name}")
+async def asset(name: str) -> FileResponse:
+    """One of the page's files (only those in ASSETS: the name never reaches the file system otherwise)."""
+    if name not in ASSETS:
+        raise HTTPException(404, f"no playground file {name!r}")
+    return FileResponse(STATIC / name, media_type=ASSETS[name], headers={"Cache-Control": "no-cache"})

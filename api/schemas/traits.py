@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 
 class TraitSummary(BaseModel):
@@ -11,6 +11,12 @@ class TraitSummary(BaseModel):
     layers: list[int]
     default_layer: int
     model: str
+    recommended_scalar: float | None = Field(
+        default=None, description="Strength at default_layer chosen at extraction (None: not recorded)."
+    )
+    recommended_scalar_range: list[float] | None = Field(
+        default=None, description="[-top, top]: the fluency-guarded range at default_layer (playground sliders)."
+    )
 
 
 class TraitsResponse(BaseModel):

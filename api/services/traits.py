@@ -19,7 +19,22 @@ def trait_summary(trait: Trait) -> dict:
         "layers": trait.layers,
         "default_layer": trait.default_layer,
         "model": trait.model_name,
+        **_scalar_hints(trait),
     }
+
+
+def _scalar_hints(trait: Trait) -> dict:
+    """The recorded strength and range, when they apply to the default layer and are numbers."""
+    meta = trait.metadata
+    scalar, span = meta.get("recommended_scalar"), meta.get("recommended_scalar_range")
+    if meta.get("recommended_layer") != trait.default_layer:
+        return {}
+    hints = {}
+    if isinstance(scalar, int | float):
+        hints["recommended_scalar"] = float(scalar)
+    if isinstance(span, list) and len(span) == 2 and all(isinstance(x, int | float) for x in span):
+        hints["recommended_scalar_range"] = [float(x) for x in span]
+    return hints
 
 
 def list_traits(runtime: Serving) -> TraitsResponse:

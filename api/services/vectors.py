@@ -218,3 +218,15 @@ def delete_vector(runtime: Serving, name: str) -> VectorDeleted:
         removed = True
     del runtime.traits.traits[name]
     return VectorDeleted(name=name, deleted=True, file_removed=removed)
+
+
+def check_name_free(runtime: Runtime, opts: RegistryOptions) -> None:
+    """Refuse now what `register_computed` would refuse later (before spending time computing a vector)."""
+    _check_name(runtime, opts)
+
+
+def register_computed(runtime: Runtime, opts: RegistryOptions, vectors: dict[int, torch.Tensor], meta: dict):
+    """Register vectors computed by the server itself (e.g. extraction): the same checks and storage as a
+    registration by floats or file."""
+    _check_vectors(runtime, vectors, {layer: ("name", "name") for layer in vectors})
+    return _register(runtime, opts, vectors, meta)

@@ -1,11 +1,15 @@
 // Steering playground: compose a chat, pick traits or paste a vector, stream the steered and
-// default answers side by side from POST /v1/steer/completion-chat, chart the assistant axis.
-// No dependencies, no build step; nothing is fetched from outside this server.
+// default answers side by side from POST /v1/steer/completion-chat, chart the assistant axis
+// (chart.js), extract new vectors (extract.js). STEERED and DEFAULT each keep their own history when
+// the conversation continues, as Neuronpedia's playground does: a follow-up goes after each column's
+// own answer. No dependencies, no build step; nothing is fetched from outside this server.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
 const TYPES = ["STEERED", "DEFAULT"];
-const state = { traits: [], running: null, lastTexts: {} };
+const FALLBACK_SPAN = 20; // slider span for vectors that record no recommended range
+// histories: each column's conversation (null before the first run); base: the composer's part of it
+const state = { traits: [], running: null, lastTexts: {}, histories: null, base: [], axis: {} };
 
 // ---- talking to the server ----
 
@@ -32,8 +36,8 @@ async function getJSON(path) {
   return response.json();
 }
 
-// Yield the JSON payload of every `data:` event of an SSE response body.
-async function* sseEvents(response) {
+// Yield {event, data} for every event of an SSE response body (data parsed as JSON).
+async function* sseBlocks(response) {
   const reader = response.body.getReader();
   const decoder = new TextDecoder();
   let buffer = "";
@@ -45,10 +49,17 @@ async function* sseEvents(response) {
     while ((cut = buffer.indexOf("\n\n")) >= 0) {
       const block = buffer.slice(0, cut);
       buffer = buffer.slice(cut + 2);
-      const data = block.split("\n").filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
-      if (data && data !== "[DONE]") yield JSON.parse(data);
+      const lines = block.split("\n");
+      const data = lines.filter((l) => l.startsWith("data:")).map((l) => l.slice(5).trimStart()).join("\n");
+      const event = (lines.find((l) => l.startsWith("event:")) || "event: message").slice(6).trim();
+      if (data && data !== "[DONE]") yield { event, data: JSON.parse(data) };
     }
   }
+}
+
+// Yield the JSON payload of every `data:` event of an SSE response body.
+async function* sseEvents(response) {
+  for await (const block of sseBlocks(response)) yield block.data;
 }
 
 // ---- the conversation editor ----
@@ -73,11 +84,26 @@ function messages() {
 
 // ---- traits and vectors ----
 
+// The slider spans the trait's recommended range [-top, top] (x3 with "beyond"); the number box takes any
+// value, and a value past the slider's end widens the slider to it.
+function sliderSpan(trait) {
+  const range = trait.recommended_scalar_range;
+  const top = range ? Math.max(...range.map(Math.abs)) : FALLBACK_SPAN;
+  return top * ($("beyond").checked ? 3 : 1);
+}
+
+function setSlider(row, value) {
+  const slider = row.querySelector("input[type=range]");
+  if (Math.abs(value) > Number(slider.max)) [slider.min, slider.max] = [-Math.abs(value), Math.abs(value)];
+  slider.value = value;
+  row.querySelector("input[type=number]").value = value;
+}
+
 function renderTraits() {
   const box = $("traits");
   const previous = {}; // keep what the user set when the list is redrawn
   for (const row of box.querySelectorAll(".trait")) {
-    previous[row.dataset.trait] = [row.querySelector("input").value, row.querySelector("select").value];
+    previous[row.dataset.trait] = [row.querySelector("input[type=number]").value, row.querySelector("select").value];
   }
   box.innerHTML = "";
   if (!state.traits.length) {
@@ -88,15 +114,22 @@ function renderTraits() {
     const row = document.createElement("div");
     row.className = "trait";
     row.dataset.trait = trait.name;
+    const span = sliderSpan(trait);
+    const step = Number((span / 40).toPrecision(2));
     const layers = trait.layers.map((l) => `<option ${l === trait.default_layer ? "selected" : ""}>${l}</option>`).join("");
-    row.innerHTML = `<span class="name" title="${escapeHTML(trait.description || trait.name)}">${escapeHTML(trait.name)}</span>
-      <input type="range" min="-20" max="20" step="0.5" value="0" aria-label="${escapeHTML(trait.name)} strength">
-      <output>0</output><select title="layer">${layers}</select>`;
-    const slider = row.querySelector("input");
-    slider.oninput = () => (row.querySelector("output").textContent = slider.value);
+    const hint = trait.recommended_scalar_range
+      ? `recommended range ±${trait.recommended_scalar_range[1]} at layer ${trait.default_layer}`
+      : "no recommended range recorded";
+    row.innerHTML = `<span class="name" title="${escapeHTML(`${trait.description || trait.name} (${hint})`)}">${escapeHTML(trait.name)}</span>
+      <input type="range" min="${-span}" max="${span}" step="${step}" value="0" aria-label="${escapeHTML(trait.name)} strength">
+      <input type="number" step="${step}" value="0" aria-label="${escapeHTML(trait.name)} strength value">
+      <select title="layer">${layers}</select>`;
+    const slider = row.querySelector("input[type=range]");
+    slider.oninput = () => (row.querySelector("input[type=number]").value = slider.value);
+    row.querySelector("input[type=number]").onchange = (e) => setSlider(row, Number(e.target.value) || 0);
     if (previous[trait.name]) {
-      [slider.value, row.querySelector("select").value] = previous[trait.name];
-      slider.oninput();
+      row.querySelector("select").value = previous[trait.name][1];
+      setSlider(row, Number(previous[trait.name][0]));
     }
     box.appendChild(row);
   }
@@ -116,7 +149,7 @@ async function loadServerInfo() {
 function vectors() {
   const chosen = [];
   for (const row of $("traits").querySelectorAll(".trait")) {
-    const strength = Number(row.querySelector("input").value);
+    const strength = Number(row.querySelector("input[type=number]").value);
     if (strength !== 0) {
       const layer = row.querySelector("select").value;
       chosen.push({ trait: row.dataset.trait, strength, hook: `blocks.${layer}.hook_resid_post` });
@@ -138,12 +171,12 @@ function vectors() {
 
 // ---- running a request ----
 
-function requestBody() {
+function requestBody(prompt, types) {
   const chosen = vectors();
   const seed = $("seed").value.trim();
   return {
-    prompt: messages(),
-    types: chosen.length ? TYPES : ["DEFAULT"],
+    prompt,
+    types: types || (chosen.length ? TYPES : ["DEFAULT"]),
     vectors: chosen,
     strength_multiplier: Number($("multiplier").value),
     seed: seed === "" ? null : Number(seed),
@@ -163,34 +196,60 @@ function showFrame(frame) {
     state.lastTexts[output.type] = text;
     $(`out-${output.type}`).textContent = text;
   }
-  if ("assistant_axis" in frame) drawAxis(frame.assistant_axis, frame.assistant_axis_unavailable);
+  if ("assistant_axis" in frame) {
+    for (const entry of frame.assistant_axis || []) state.axis[entry.type] = entry;
+    drawAxis(TYPES.map((t) => state.axis[t]).filter(Boolean), frame.assistant_axis_unavailable);
+  }
 }
 
-async function run() {
-  let body;
+// One streamed request; its frames fill the columns of the types it asks for.
+async function stream(body) {
+  const response = await fetch("/v1/steer/completion-chat", {
+    method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.running.signal,
+  });
+  if (!response.ok) throw new Error(await errorText(response));
+  for await (const frame of sseEvents(response)) {
+    if (frame.error) throw new Error(`${frame.error.type}: ${frame.error.message}`);
+    showFrame(frame);
+  }
+}
+
+// A fresh run from the composer (follow-up: null), or each column's own history plus the follow-up.
+async function run(followUp = null) {
+  let requests;
   try {
-    body = requestBody();
+    if (followUp === null) {
+      const body = requestBody(messages());
+      if (!body.prompt.length) return setStatus("write a message first", true);
+      state.base = body.prompt;
+      state.histories = Object.fromEntries(body.types.map((t) => [t, body.prompt]));
+      requests = [body];
+    } else {
+      for (const t of Object.keys(state.histories)) {
+        state.histories[t] = [...state.histories[t], { role: "assistant", content: state.lastTexts[t] || "" }, { role: "user", content: followUp }];
+      }
+      requests = Object.entries(state.histories).map(([t, prompt]) => requestBody(prompt, [t]));
+    }
   } catch (err) {
     return setStatus(err.message, true);
   }
-  if (!body.prompt.length) return setStatus("write a message first", true);
   state.running = new AbortController();
   state.lastTexts = {};
+  state.axis = {};
+  clearAxis();
   setBusy(true);
-  for (const t of TYPES) $(`out-${t}`).textContent = "";
-  if (!body.types.includes("STEERED")) $("out-STEERED").innerHTML = '<span class="muted">no steering selected</span>';
+  for (const t of TYPES) {
+    $(`out-${t}`).textContent = "";
+    showHistory(t);
+  }
+  if (!state.histories.STEERED) $("out-STEERED").innerHTML = '<span class="muted">no steering selected</span>';
   setStatus("generating…");
   try {
-    const response = await fetch("/v1/steer/completion-chat", {
-      method: "POST", headers: headers(), body: JSON.stringify(body), signal: state.running.signal,
-    });
-    if (!response.ok) throw new Error(await errorText(response));
-    for await (const frame of sseEvents(response)) {
-      if (frame.error) throw new Error(`${frame.error.type}: ${frame.error.message}`);
-      showFrame(frame);
-    }
+    await Promise.all(requests.map(stream));
     setStatus("done");
   } catch (err) {
+    state.running.abort(); // one column failed: stop the other too
+    clearAxis(err.name === "AbortError" ? "stopped: the chart shows completed runs only" : "");
     setStatus(err.name === "AbortError" ? "stopped" : err.message, err.name !== "AbortError");
   } finally {
     state.running = null;
@@ -198,17 +257,24 @@ async function run() {
   }
 }
 
-function keep(type) {
-  const text = state.lastTexts[type];
-  if (!text) return;
-  addMessage("assistant", text);
-  addMessage("user", "").querySelector("textarea").focus();
+// The turns a column added to the composer's conversation (its earlier answers and the follow-ups).
+function showHistory(type) {
+  const box = $(`hist-${type}`);
+  const turns = state.histories && state.histories[type] ? state.histories[type].slice(state.base.length) : [];
+  box.innerHTML = turns.map((m) => `<p class="turn ${m.role}"><b>${m.role}</b> ${escapeHTML(m.content)}</p>`).join("");
+}
+
+function continueRun() {
+  const text = $("follow-up").value.trim();
+  if (!text) return setStatus("write a follow-up first", true);
+  $("follow-up").value = "";
+  run(text);
 }
 
 function setBusy(busy) {
   $("run").disabled = busy;
   $("stop").disabled = !busy;
-  for (const button of document.querySelectorAll(".keep")) button.disabled = busy || !state.lastTexts[button.dataset.type];
+  $("continue").disabled = busy || !state.histories || !Object.keys(state.lastTexts).length;
 }
 
 function setStatus(text, isError = false) {
@@ -218,51 +284,6 @@ function setStatus(text, isError = false) {
 
 function escapeHTML(text) {
   return String(text).replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
-}
-
-// ---- the assistant-axis chart (inline SVG) ----
-
-function drawAxis(entries, unavailable) {
-  const svg = $("axis-chart");
-  const note = $("axis-note");
-  svg.innerHTML = "";
-  note.textContent = unavailable ? `Assistant-axis monitoring unavailable: ${unavailable}` : "";
-  if (!entries || !entries.length) return;
-  const title = entries[0].pc_titles[0];
-  const series = entries.map((e) => ({ type: e.type, values: e.turns.map((t) => t.pc_values[title]), turns: e.turns }));
-  const all = series.flatMap((s) => s.values).filter((v) => typeof v === "number");
-  if (!all.length) return;
-  const W = 640, H = 240, left = 56, right = 16, top = 26, bottom = 34;
-  let lo = Math.min(0, ...all), hi = Math.max(0, ...all);
-  if (hi - lo < 1e-9) { hi += 1; lo -= 1; }
-  const pad = (hi - lo) * 0.1;
-  lo -= pad; hi += pad;
-  const turns = Math.max(...series.map((s) => s.values.length));
-  const x = (i) => (turns === 1 ? (left + W - right) / 2 : left + (i * (W - left - right)) / (turns - 1));
-  const y = (v) => top + ((hi - v) * (H - top - bottom)) / (hi - lo);
-  const parts = [`<text x="${left}" y="14">${escapeHTML(title)}</text>`];
-  for (let k = 0; k <= 4; k++) {
-    const v = lo + ((hi - lo) * k) / 4;
-    parts.push(`<line class="grid-line" x1="${left}" x2="${W - right}" y1="${y(v)}" y2="${y(v)}"/>`);
-    parts.push(`<text x="${left - 6}" y="${y(v) + 4}" text-anchor="end">${v.toFixed(2)}</text>`);
-  }
-  parts.push(`<line class="zero" x1="${left}" x2="${W - right}" y1="${y(0)}" y2="${y(0)}"/>`);
-  for (let i = 0; i < turns; i++) {
-    const anchor = turns === 1 ? "middle" : i === 0 ? "start" : i === turns - 1 ? "end" : "middle";
-    const label = `turn ${i + 1}${i === turns - 1 ? " (new)" : ""}`;
-    parts.push(`<text x="${x(i)}" y="${H - bottom + 16}" text-anchor="${anchor}">${label}</text>`);
-  }
-  series.forEach((s, n) => {
-    const pts = s.values.map((v, i) => (typeof v === "number" ? [x(i), y(v), v, i] : null)).filter(Boolean);
-    parts.push(`<polyline class="series-${s.type}" points="${pts.map((p) => `${p[0]},${p[1]}`).join(" ")}"/>`);
-    for (const [px, py, v, i] of pts) {
-      const tip = `${s.type} turn ${i + 1}: ${v.toFixed(3)} — ${s.turns[i].snippet}`;
-      parts.push(`<circle class="pt pt-${s.type}" data-type="${s.type}" cx="${px}" cy="${py}" r="4"><title>${escapeHTML(tip)}</title></circle>`);
-    }
-    parts.push(`<rect x="${W - right - 150}" y="${6 + n * 14}" width="10" height="10" class="pt-${s.type}"/>`);
-    parts.push(`<text x="${W - right - 135}" y="${15 + n * 14}">${s.type.toLowerCase()}</text>`);
-  });
-  svg.innerHTML = parts.join("");
 }
 
 // ---- start-up ----
@@ -279,9 +300,11 @@ function init() {
   };
   $("add-user").onclick = () => addMessage("user");
   $("add-assistant").onclick = () => addMessage("assistant");
-  $("run").onclick = run;
+  $("run").onclick = () => run();
+  $("continue").onclick = continueRun;
   $("stop").onclick = () => state.running && state.running.abort();
-  for (const button of document.querySelectorAll(".keep")) button.onclick = () => keep(button.dataset.type);
+  $("beyond").onchange = renderTraits;
+  initExtract();
   addMessage("system", "You are a helpful assistant.");
   addMessage("user", "Tell me about your favourite book.");
   loadServerInfo();

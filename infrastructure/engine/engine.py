@@ -36,6 +36,7 @@ from infrastructure.engine.paged_loop import PagedLoop
 from infrastructure.engine.rows import Row, eos_ids, left_pad_batch, record_captures, resident
 from infrastructure.engine.sampling import RowSampler, sample
 from infrastructure.engine.static_batch import StaticBatch, decode_mode
+from infrastructure.engine.teacher_forced import run_prefill_only
 from infrastructure.errors import (
     EngineUnavailableError,
     InvalidRequestError,
@@ -214,6 +215,7 @@ class PersonaEngine(PagedLoop, RowLifecycle):
                     jobs = self._take_jobs()
                     if jobs is None:
                         break
+                    jobs = run_prefill_only(self, jobs)  # teacher-forced jobs (vector extraction): no rows
                     if jobs:
                         self._prefill(jobs)
                     self._drop_cancelled()

@@ -24,6 +24,7 @@ from infrastructure.engine.rows import resident
 from infrastructure.engine.runner import ModelRunner, Work
 from infrastructure.engine.sampling import RowSampler, sample
 from infrastructure.engine.scheduler import Scheduler, Seq
+from infrastructure.engine.teacher_forced import run_prefill_only
 from infrastructure.errors import GenerationError, RequestTimeoutError, TokenLimitError
 from infrastructure.steering.hooks import build_tables
 
@@ -105,7 +106,7 @@ class PagedLoop:
                     self._emit([(job, JobFailed(late))])
                 elif not job.cancelled:
                     jobs.append(job)
-        self._admit(jobs)
+        self._admit(run_prefill_only(self, jobs))  # teacher-forced jobs (vector extraction) run here, whole
         self._count_jobs()
         return True
 

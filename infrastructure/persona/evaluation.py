@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,12 +26,33 @@ class TraitEval:
     projection: list[float]  # mean projection on the unit direction at probe_layer, per scalar
     dlogp_positive: list[float]  # steered - unsteered mean log-prob per token of trait-expressing references
     dlogp_negative: list[float]  # the same for trait-free references
-    samples: list[str] = field(default_factory=list)  # first eval question's answer, per scalar
+    samples: list[list[str]] = field(default_factory=list)  # per scalar: answers to the first eval questions
+    base_margin: float = 0.0  # unsteered: mean log-prob per token of trait refs minus trait-free refs
+    questions: list[str] = field(default_factory=list)
+    meta: dict = field(default_factory=dict)  # the vector file's metadata
 
     @property
     def preference_shift(self) -> list[float]:
         """How much more likely the trait-expressing references became, relative to the trait-free ones."""
         return [p - n for p, n in zip(self.dlogp_positive, self.dlogp_negative)]
+
+    @property
+    def margins(self) -> list[float]:
+        """Per scalar: log-likelihood margin of trait over trait-free references (nats/token)."""
+        return [self.base_margin + d for d in self.preference_shift]
+
+    @property
+    def margin_rise(self) -> float:
+        return self.margins[-1] - self.margins[0]
+
+    @property
+    def monotonic(self) -> bool:
+        return all(a < b for a, b in zip(self.margins, self.margins[1:]))
+
+    @property
+    def fluency(self) -> list[float]:
+        """Per scalar: perplexity of the trait-free references, steered over unsteered."""
+        return [math.exp(-d) for d in self.dlogp_negative]
 
 
 def answer_projection(finished, prompt_len: int) -> float:
@@ -48,8 +70,9 @@ def steered_projections(
     probe_layer: int,
     scalars: list[float],
     max_new_tokens: int,
-) -> tuple[list[float], list[str]]:
-    """Per scalar: mean answer projection at probe_layer on the unit trait direction, and the first answer."""
+    n_samples: int = 2,
+) -> tuple[list[float], list[list[str]]]:
+    """Per scalar: mean answer projection at probe_layer on the unit trait direction, and the first answers."""
     prompts = [act.chat_ids(loaded.tokenizer, q) for q in questions]
     direction = vectors[probe_layer] / vectors[probe_layer].norm()
     specs = [act.steering_spec(layer, vectors[layer], s) for s in scalars for _ in prompts]
@@ -65,7 +88,7 @@ def steered_projections(
     for i in range(len(scalars)):
         chunk = done[i * len(prompts) : (i + 1) * len(prompts)]
         means.append(sum(answer_projection(f, len(p)) for f, p in zip(chunk, prompts)) / len(prompts))
-        samples.append(chunk[0].text)
+        samples.append([f.text for f in chunk[:n_samples]])
     return means, samples
 
 
@@ -77,8 +100,9 @@ def reference_shifts(
     layer: int,
     vector: torch.Tensor,
     scalars: list[float],
-) -> list[float]:
-    """Per scalar: mean over references of (steered - unsteered) mean log-prob per reference token."""
+) -> tuple[list[float], float]:
+    """Per scalar: mean over references of (steered - unsteered) mean log-prob per reference token; and the
+    unsteered mean log-prob per token."""
     tok = loaded.tokenizer
     prompts = [act.chat_ids(tok, q) for q in questions]
     answers = [tok(r, add_special_tokens=False)["input_ids"] for r in refs]
@@ -89,7 +113,7 @@ def reference_shifts(
             base if s == 0 else act.answer_logprobs(loaded.model, prompts, answers, engine.pad_id, (layer, vector, s))
         )
         shifts.append(sum(a - b for a, b in zip(steered, base)) / len(base))
-    return shifts
+    return shifts, sum(base) / len(base)
 
 
 def evaluate_trait(
@@ -110,13 +134,25 @@ def evaluate_trait(
     refs = spec["eval_references"]
     scalars = [-s, 0.0, s]
     projection, samples = steered_projections(loaded, engine, questions, vectors, layer, probe, scalars, max_new_tokens)
-    pos = reference_shifts(
+    pos, pos_base = reference_shifts(
         loaded, engine, questions, refs["positive"][: len(questions)], layer, vectors[layer], scalars
     )
-    neg = reference_shifts(
+    neg, neg_base = reference_shifts(
         loaded, engine, questions, refs["negative"][: len(questions)], layer, vectors[layer], scalars
     )
-    return TraitEval(doc["trait_name"], layer, probe, scalars, projection, pos, neg, samples)
+    return TraitEval(
+        doc["trait_name"],
+        layer,
+        probe,
+        scalars,
+        projection,
+        pos,
+        neg,
+        samples,
+        base_margin=pos_base - neg_base,
+        questions=questions[: len(samples[0])],
+        meta=doc["metadata"],
+    )
 
 
 def axis_values(

@@ -19,10 +19,9 @@ def _plots(docs: Path, results: list[TraitEval], axis: dict | None) -> list[str]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
     for r in results:
         ax1.plot(["-s", "0", "+s"], r.projection, marker="o", label=r.trait)
-        ax2.plot(["-s", "0", "+s"], r.preference_shift, marker="o", label=r.trait)
+        ax2.plot(["-s", "0", "+s"], r.margins, marker="o", label=r.trait)
     ax1.set_title("mean answer projection on the trait direction\n(probe layer = steered layer + 2)")
-    ax2.set_title("log-likelihood shift: trait-expressing minus trait-free\nreferences (nats/token, vs unsteered)")
-    ax2.axhline(0, color="grey", lw=0.5)
+    ax2.set_title("held-out margin: log-prob per token of trait-expressing\nminus trait-free references (nats/token)")
     ax1.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(docs / "persona_trait_steering.png", dpi=110)
@@ -43,50 +42,86 @@ def _plots(docs: Path, results: list[TraitEval], axis: dict | None) -> list[str]
 
 def _table(results: list[TraitEval]) -> list[str]:
     lines = [
-        "| trait | layer (probe) | s | projection −s / 0 / +s | Δlogp trait refs −s / +s "
-        "| Δlogp trait-free refs −s / +s | preference shift −s / +s |",
-        "|---|---|---|---|---|---|---|",
+        "| trait | layer (probe) | s | margin −s / 0 / +s | rise +s vs −s | monotonic | projection −s / 0 / +s "
+        "| projection shift | trait-free ppl ×, −s / +s |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        p, pos, neg, pref = r.projection, r.dlogp_positive, r.dlogp_negative, r.preference_shift
+        m, p, f = r.margins, r.projection, r.fluency
         lines.append(
-            f"| {r.trait} | {r.layer} ({r.probe_layer}) | {r.scalars[2]:.3g} | {p[0]:.2f} / {p[1]:.2f} / {p[2]:.2f} "
-            f"| {pos[0]:+.3f} / {pos[2]:+.3f} | {neg[0]:+.3f} / {neg[2]:+.3f} | {pref[0]:+.3f} / {pref[2]:+.3f} |"
+            f"| {r.trait} | {r.layer} ({r.probe_layer}) | {r.scalars[2]:.3g} | {m[0]:+.2f} / {m[1]:+.2f} / {m[2]:+.2f} "
+            f"| **{r.margin_rise:+.2f}** | {'yes' if r.monotonic else 'no'} | {p[0]:.2f} / {p[1]:.2f} / {p[2]:.2f} "
+            f"| {p[2] - p[0]:+.2f} | {f[0]:.2f} / {f[2]:.2f} |"
+        )
+    return lines
+
+
+def _extraction_table(results: list[TraitEval]) -> list[str]:
+    """How each vector was fitted and chosen (from its file's metadata: validation split only)."""
+    lines = [
+        "| trait | method | fit / validation pairs | chosen layer (rise/unit at 0.1) | top fraction | "
+        "validation margin −s / +s | validation ppl × −s / +s | seconds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        x = r.meta.get("extraction")
+        if not x:
+            lines.append(f"| {r.trait} | {r.meta.get('method', 'generation')} | – | {r.layer} | – | – | – | – |")
+            continue
+        v = x["validation"]
+        best = next(s for s in v["layers"] if s["layer"] == v["chosen_layer"])
+        top = next(p for p in v["range"] if p["fraction"] == v["top_fraction"])
+        lines.append(
+            f"| {r.trait} | {r.meta['method']} "
+            f"| {x['split']['fit']['positive']} / {x['split']['validation']['positive']} "
+            f"| {v['chosen_layer']} ({best['rise_per_unit']:.2f}) | {v['top_fraction']} "
+            f"| {top['margin_minus']:+.2f} / {top['margin_plus']:+.2f} "
+            f"| {top['ppl_ratio_minus']:.2f} / {top['ppl_ratio_plus']:.2f} | {x['seconds']:.0f} |"
         )
     return lines
 
 
 def _samples(results: list[TraitEval]) -> list[str]:
-    lines = ["## Sample outputs (first held-out question, greedy)", ""]
+    lines = ["## Sample outputs (held-out questions, greedy, steered at −s / 0 / +s)", ""]
     for r in results:
-        lines.append(f"**{r.trait}**")
+        lines.append(f"**{r.trait}** (layer {r.layer}, s = {r.scalars[2]:.3g})")
         lines.append("")
-        for label, text in zip(("−s", "0", "+s"), r.samples):
-            lines.append(f"- {label}: {' '.join(text.split())[:220]!r}")
+        for q, question in enumerate(r.questions):
+            lines.append(f"- *{question}*")
+            for label, texts in zip(("−s", "0", "+s"), r.samples):
+                lines.append(f"  - {label}: {' '.join(texts[q].split())[:220]!r}")
         lines.append("")
     return lines
+
+
+def loops(text: str, n: int = 4, times: int = 3) -> bool:
+    """Whether some n-word sequence occurs `times` times or more (a greedy answer stuck in a loop)."""
+    words = text.split()
+    grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+    return any(grams.count(g) >= times for g in set(grams))
 
 
 def _notes(results: list[TraitEval]) -> list[str]:
     """An honest reading of the numbers, derived from them."""
-    clear = [r.trait for r in results if r.preference_shift[2] > 0.02 and r.preference_shift[0] < -0.02]
+    clear = [r.trait for r in results if r.margin_rise >= 0.4 and r.monotonic]
     weak = [r.trait for r in results if r.trait not in clear]
-    lines = [
+    looping = [r.trait for r in results if any(loops(t) for t in r.samples[-1])]
+    return [
         "## Reading the numbers",
         "",
-        "- The projection rises with s for every trait largely by construction: the added s·v is carried by the "
-        "residual stream to the probe layer. It shows the vector survives two more layers, not that behaviour changed.",
-        "- The likelihood shift is the behavioural measure. Traits where +s makes the trait-expressing references more "
-        "likely than the trait-free ones and −s does the opposite (by > 0.02 nats/token): "
-        + (", ".join(clear) or "none")
-        + ".",
-        "- Little or inconsistent effect on this 135M model: "
-        + (", ".join(weak) or "none")
-        + ". SmolLM2-135M follows system prompts weakly, so its positive and negative answers differ less than a "
-        "larger model's would, and the vectors carry part style/topic rather than the trait alone.",
+        "- The margin is the behavioural measure: steering at +s should make the held-out trait-expressing "
+        "references more likely relative to the trait-free ones, and −s the opposite. Traits whose margin rises "
+        "by ≥ 0.4 nats/token from −s to +s, monotonically through 0: " + (", ".join(clear) or "none") + ".",
+        "- Below that bar: " + (", ".join(weak) or "none") + ".",
+        "- The projection rises with s largely by construction (the added s·v is carried to the probe layer); "
+        "it shows the vector survives two more layers, not that behaviour changed.",
+        "- The fluency column is the perplexity of the trait-free references steered over unsteered: at +s it "
+        "rises partly because the trait is promoted, at −s it should stay near 1.",
+        "- The guard scores teacher-forced reference text, not free generation: greedy samples at +s (the top of "
+        "the range) that repeat a 4-word phrase 3+ times: " + (", ".join(looping) or "none") + ". Lower strengths "
+        "on the playground's sliders (which span the range) trade effect for fluency.",
         "",
     ]
-    return lines
 
 
 def write_report(docs: Path, results: list[TraitEval], axis: dict | None, setup: dict, notes: list[str] = ()) -> Path:
@@ -99,15 +134,24 @@ def write_report(docs: Path, results: list[TraitEval], axis: dict | None, setup:
         "",
         f"Model `{setup['model']}`; greedy answers of {setup['max_new_tokens']} new tokens to each trait's held-out "
         "questions (no system prompt), steered by adding s·v at the recommended layer (every position), "
-        "s = the vector file's `recommended_scalar` (|s·v| ≈ 0.2 × the median residual norm there).",
-        "Regenerate everything with `pipenv run python -m scripts.build_persona_data`.",
+        "s = the vector file's `recommended_scalar` (the top of its fluency-guarded range).",
+        "The vectors are fitted on the authored `contrastive_pairs` of `data/prompts/{trait}_trait.json` "
+        "(teacher-forced difference of mean residuals over answer tokens); the held-out `eval_questions` and "
+        "`eval_references` used here never enter the fit or the choice of layer and scalar.",
+        "Regenerate the vectors with `pipenv run python -m scripts.extract_persona_vectors --threads 2` and this "
+        "report with `pipenv run python -m scripts.evaluate_persona_data` (or both, and the axis, with "
+        "`python -m scripts.build_persona_data`).",
         "",
+        "- **margin**: mean log-probability per token of the trait-expressing references minus that of the "
+        "trait-free references (one of each per held-out question), nats/token.",
         "- **projection**: mean over the answer-producing positions of h·v̂ at the probe layer (steered layer + 2).",
-        "- **Δlogp**: steered minus unsteered mean log-probability per token of the reference answers "
-        "(one trait-expressing and one trait-free reference per question); **preference shift** = "
-        "Δlogp(trait refs) − Δlogp(trait-free refs): positive means steering made the trait more likely.",
+        "- **trait-free ppl ×**: perplexity of the trait-free references steered over unsteered.",
         "",
         *_table(results),
+        "",
+        "**Extraction** (from each vector file's metadata; measured on the validation split of the authored pairs):",
+        "",
+        *_extraction_table(results),
         "",
     ]
     if axis is not None:

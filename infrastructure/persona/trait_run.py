@@ -1,7 +1,9 @@
-"""One trait's extraction run: contrastive generations, response-token activations, the vector file."""
+"""One trait's extraction run, the vector file: either contrastive generations under persona instructions
+(models that follow them) or teacher-forced authored answer pairs (the default; works on small models)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +13,7 @@ import torch
 from infrastructure.engine.engine import PersonaEngine
 from infrastructure.model_loader import LoadedModel
 from infrastructure.persona import activations as act
+from infrastructure.persona import contrastive_run
 from infrastructure.persona.extraction import diff_of_means, file_sha256, vector_file
 from infrastructure.persona.judge import judge_score, keep_mask
 
@@ -105,5 +108,32 @@ def extract_trait(loaded: LoadedModel, engine: PersonaEngine, prompts_path: Path
     }
     doc["metadata"]["samples"] = [
         {"polarity": rows[i][0], "question": rows[i][2], "answer": done[i].text} for i in (idx[:1] + idx[1:2])
+    ]
+    return doc
+
+
+def extract_trait_contrastive(
+    loaded: LoadedModel, engine: PersonaEngine, prompts_path: Path, max_pairs: int | None = None
+) -> dict:
+    """The trait's vector file from its authored `contrastive_pairs` (teacher-forced, no generation):
+    fitted on one split, layer and scalar range chosen on the other; the eval questions are never read."""
+    spec = json.loads(Path(prompts_path).read_text())
+    pairs = [(p["question"], p["positive"], p["negative"]) for p in spec["contrastive_pairs"][:max_pairs]]
+    result = asyncio.run(contrastive_run.extract(engine, contrastive_run.pair_examples(loaded.tokenizer, pairs)))
+    fit_n = result.split["fit"]["positive"]
+    doc = vector_file(
+        spec["trait"],
+        loaded.model_id,
+        result.vectors,
+        result.resid_medians,
+        n_samples={"positive": fit_n, "negative": fit_n, "questions": fit_n},
+        prompts_sha256=file_sha256(prompts_path),
+        description=spec["description"],
+    )
+    doc["metadata"].update(result.metadata())
+    doc["metadata"]["samples"] = [
+        {"polarity": polarity, "question": q, "answer": answer}
+        for q, pos, neg in pairs[:1]
+        for polarity, answer in (("pos", pos), ("neg", neg))
     ]
     return doc

@@ -115,6 +115,8 @@ async def test_traits_listing_and_detail(client, synthetic_traits):
         "layers": [10, 15, 20],
         "default_layer": 15,
         "model": MODEL,
+        "recommended_scalar": None,  # the synthetic trait records no extraction range
+        "recommended_scalar_range": None,
     }
     detail = (await client.get("/api/v1/traits/synthetic_4")).json()
     assert detail["norms"] == {"10": 60.0, "15": 60.0, "20": 60.0}

@@ -1,8 +1,11 @@
 """The playground end to end in headless Chromium (Debian's `chromium`, driven by Playwright):
-the page loads with auth on, streams the steered and default answers, and draws the axis chart."""
+the page loads with auth on, streams the steered and default answers, and draws the axis chart;
+sliders span the recommended range, STEERED and DEFAULT continue their own histories, the chart
+shows only the current run, and the extract panel registers a new vector."""
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import httpx
@@ -32,6 +35,8 @@ def page_runtime(make_runtime):
     rt = make_runtime(secret=SECRET)
     vectors = {10: _unit(21) * 60, 15: _unit(22) * 60}
     rt.traits.add(Trait("friendly", MODEL, vectors, {"recommended_layer": 10}, Path("<test>"), description="synthetic"))
+    meta = {"recommended_layer": 10, "recommended_scalar": 4.0, "recommended_scalar_range": [-4.0, 4.0]}
+    rt.traits.add(Trait("ranged", MODEL, {10: _unit(24) * 20}, meta, Path("<test>"), description="synthetic"))
     rt.axis, rt.axis_problem = AssistantAxis(MODEL, 15, _unit(23), torch.zeros(576)), None
     return rt
 
@@ -60,7 +65,7 @@ def test_playground_streams_both_answers_and_draws_the_chart(browser, base_url):
     page.dispatch_event("#secret", "change")
     page.wait_for_selector('.trait[data-trait="friendly"]')
     assert page.inner_text("#model") == MODEL
-    page.locator('.trait[data-trait="friendly"] input').evaluate(
+    page.locator('.trait[data-trait="friendly"] input[type=range]').evaluate(
         "el => { el.value = '1'; el.dispatchEvent(new Event('input')); }"
     )
     _fill_conversation(page)
@@ -109,10 +114,121 @@ def test_playground_streams_both_answers_and_draws_the_chart(browser, base_url):
 
     # a raw vector of the wrong size is refused by the server and the page says so
     page.fill("#raw-vector", "[0.5, 1.5]")
-    page.locator('.trait[data-trait="friendly"] input').evaluate(
+    page.locator('.trait[data-trait="friendly"] input[type=range]').evaluate(
         "el => { el.value = '0'; el.dispatchEvent(new Event('input')); }"
     )
     page.click("#run")
     page.wait_for_selector("#status.error")
     assert "vector" in page.inner_text("#status")
+    assert page.locator("#axis-chart *").count() == 0  # the failed run cleared the previous run's chart
+    page.close()
+
+
+def _open(browser, base_url):
+    page = browser.new_page(viewport={"width": 1280, "height": 1400})
+    page.goto(base_url + "/")
+    page.fill("#secret", SECRET)
+    page.dispatch_event("#secret", "change")
+    page.wait_for_selector('.trait[data-trait="ranged"]')
+    return page
+
+
+def _wait_done(page) -> str:
+    page.wait_for_function("document.getElementById('status').textContent !== 'generating…'", timeout=240_000)
+    return page.inner_text("#status")
+
+
+def test_sliders_span_the_recommended_range_and_can_go_beyond(browser, base_url):
+    page = _open(browser, base_url)
+    ranged = page.locator('.trait[data-trait="ranged"] input[type=range]')
+    assert (ranged.get_attribute("min"), ranged.get_attribute("max")) == ("-4", "4")
+    friendly = page.locator('.trait[data-trait="friendly"] input[type=range]')
+    assert friendly.get_attribute("max") == "20"  # no recorded range: the fallback span
+    page.check("#beyond")
+    assert page.locator('.trait[data-trait="ranged"] input[type=range]').get_attribute("max") == "12"
+    number = page.locator('.trait[data-trait="ranged"] input[type=number]')
+    number.fill("30")
+    number.dispatch_event("change")
+    assert page.locator('.trait[data-trait="ranged"] input[type=range]').get_attribute("max") == "30"
+    assert page.evaluate("vectors()") == [{"trait": "ranged", "strength": 30, "hook": "blocks.10.hook_resid_post"}]
+    page.close()
+
+
+def test_columns_keep_their_own_histories_and_the_chart_only_the_current_run(browser, base_url, engine):
+    page = _open(browser, base_url)
+    page.locator('.trait[data-trait="ranged"] input[type=number]').fill("4")
+    page.locator('.trait[data-trait="ranged"] input[type=number]').dispatch_event("change")
+    page.locator(".message textarea").nth(1).fill("Tell me about your weekend.")
+    page.fill("#max-tokens", "8")
+    page.click("#run")
+    assert _wait_done(page) == "done"
+    first = {t: page.inner_text(f"#out-{t}") for t in ("STEERED", "DEFAULT")}
+    assert first["STEERED"] != first["DEFAULT"]
+    assert page.locator("#axis-chart circle.pt-STEERED").count() == 1
+    assert "above 0" in page.inner_text("#axis-sign")
+    ticks = [
+        float(t)
+        for t in page.locator("#axis-chart text.tick").all_text_contents()
+        if not t.startswith(("turn", "st", "de"))
+    ]
+    steps = {round(b - a, 6) for a, b in zip(ticks, ticks[1:])}
+    assert len(ticks) >= 3 and len(steps) == 1  # evenly spaced round ticks
+
+    page.fill("#follow-up", "Tell me more.")
+    page.click("#continue")
+    assert _wait_done(page) == "done"
+    # each column continued after its own answer
+    assert first["STEERED"] in page.inner_text("#hist-STEERED") and first["DEFAULT"] in page.inner_text("#hist-DEFAULT")
+    assert first["DEFAULT"] not in page.inner_text("#hist-STEERED")
+    assert page.locator("#axis-chart circle.pt-STEERED").count() == 2  # prior answer + the new one, its own history
+    history = page.evaluate("state.histories.DEFAULT")
+    assert [m["role"] for m in history[-3:]] == ["user", "assistant", "user"]
+    body = {"prompt": history, "types": ["DEFAULT"], "seed": 42, "temperature": 0, "n_completion_tokens": 8}
+    r = httpx.post(
+        f"{base_url}/v1/steer/completion-chat",
+        json={**body, "stream": False},
+        headers={"X-SECRET-KEY": SECRET},
+        timeout=240,
+    )
+    assert r.json()["outputs"][0]["chat_template"][-1]["content"] == page.inner_text("#out-DEFAULT")
+
+    # a stopped run leaves no chart of an earlier run behind
+    page.fill("#max-tokens", "400")
+    page.click("#run")
+    page.wait_for_function("document.getElementById('out-DEFAULT').textContent.length > 0", timeout=120_000)
+    page.click("#stop")
+    assert _wait_done(page) == "stopped"
+    assert page.locator("#axis-chart *").count() == 0 and "stopped" in page.inner_text("#axis-note")
+    page.close()
+    deadline = time.monotonic() + 60  # the engine drops the abandoned row at its next step
+    while (engine.active_requests or engine.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert engine.active_requests == 0
+
+
+def test_extract_panel_registers_a_vector_with_progress(browser, base_url):
+    page = _open(browser, base_url)
+    page.click("#extract summary")
+    page.click("#ex-sample")
+    page.fill("#ex-name", "pirate-ui")
+    page.evaluate(
+        """() => { window.progress = []; const bar = document.getElementById('ex-progress');
+                   new MutationObserver(() => window.progress.push(Number(bar.value)))
+                     .observe(bar, { attributes: true, attributeFilter: ['value'] }); }"""
+    )
+    page.click("#ex-run")
+    page.wait_for_function("!document.getElementById('ex-run').disabled", timeout=300_000)
+    status = page.inner_text("#ex-status")
+    assert status.startswith("registered pirate-ui: layer"), status
+    row = page.locator('.trait[data-trait="pirate-ui"]')
+    meta = httpx.get(f"{base_url}/api/v1/vectors/pirate-ui", headers={"X-SECRET-KEY": SECRET}).json()["metadata"]
+    assert float(row.locator("input[type=number]").input_value()) == meta["recommended_scalar"]
+    assert row.locator("input[type=range]").get_attribute("max") == str(meta["recommended_scalar_range"][1])
+    progress = page.evaluate("window.progress")
+    assert len(set(progress)) >= 3 and progress == sorted(progress)  # the bar followed the engine jobs
+    assert page.evaluate("document.getElementById('ex-progress').hidden")
+    page.fill("#ex-name", "pirate-ui")
+    page.click("#ex-run")
+    page.wait_for_selector("#ex-status.error")
+    assert "409" in page.inner_text("#ex-status")
     page.close()

@@ -115,3 +115,10 @@ def test_converter_finds_pca_and_contrast_in_several_shapes():
     assert find_contrast({0: torch.zeros(2), 1: torch.ones(2)}).shape == (2, 2)
     assert find_contrast({"contrast_vectors": torch.zeros(3, 2)}).shape == (3, 2)
     assert layer_from("pca/roles_layer40-min.pt", {}) == 40
+
+
+def test_report_flags_looping_samples():
+    from infrastructure.persona.report import loops
+
+    assert loops("I'm sorry for your pain. I'm sorry for your pain. I'm sorry for your pain.")
+    assert not loops("To make tea, boil water, add a tea bag and wait three minutes.")

@@ -17,8 +17,12 @@ TINY = ["--max-questions", "2", "--max-new-tokens", "4"]
 def built(loaded_model, engine, tmp_path_factory):
     """Vectors for one trait, an axis and a report, all into a temporary folder."""
     out = tmp_path_factory.mktemp("persona")
-    args = extract_persona_vectors.parse_args(["--traits", "sarcasm", "--max-pairs", "1", "--out-dir", str(out), *TINY])
+    args = extract_persona_vectors.parse_args(["--traits", "sarcasm", "--pairs", "8", "--out-dir", str(out)])
     extract_persona_vectors.run(loaded_model, engine, args)
+    generated = ["--method", "generation", "--max-pairs", "1", "--out-dir", str(out / "generation"), *TINY]
+    extract_persona_vectors.run(
+        loaded_model, engine, extract_persona_vectors.parse_args(["--traits", "sarcasm", *generated])
+    )
     args = build_assistant_axis.parse_args(
         ["--max-roles", "3", "--questions-per-role", "1", "--out-root", str(out), *TINY]
     )
@@ -30,14 +34,16 @@ def built(loaded_model, engine, tmp_path_factory):
     return out
 
 
-def test_vector_file_format(built, loaded_model):
-    doc = json.loads((built / "sarcasm.json").read_text())
+@pytest.mark.parametrize(("folder", "method", "n"), [("", "contrastive_authored", 6), ("generation", None, 2)])
+def test_vector_file_format(built, loaded_model, folder, method, n):
+    doc = json.loads((built / folder / "sarcasm.json").read_text())
     assert doc["trait_name"] == "sarcasm" and doc["model_name"] == loaded_model.model_id
     assert sorted(map(int, doc["vectors"])) == list(range(loaded_model.n_layers))
     vectors = torch.tensor([doc["vectors"][str(k)] for k in range(loaded_model.n_layers)])
     assert vectors.shape == (loaded_model.n_layers, loaded_model.hidden_size) and torch.isfinite(vectors).all()
     meta = doc["metadata"]
-    assert meta["n_samples"] == {"positive": 2, "negative": 2, "questions": 2}
+    assert meta.get("method") == method
+    assert meta["n_samples"] == {"positive": n, "negative": n, "questions": n}  # contrastive: 6 fit + 2 validate
     assert meta["judge_used"] is False and len(meta["prompts_sha256"]) == 64
     assert 0 <= meta["recommended_layer"] < loaded_model.n_layers and meta["recommended_scalar"] > 0
     assert meta["median_residual_norm"] > 0
