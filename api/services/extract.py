@@ -13,8 +13,8 @@ from collections.abc import AsyncIterator
 
 from api.schemas.extract import ExtractRequest, ExtractResponse, ExtractValidation
 from api.schemas.vectors import RegistryOptions
+from api.services.ports import Serving
 from api.services.vectors import check_name_free, register_computed, vector_detail
-from app.runtime import Runtime
 from infrastructure.errors import HookOutOfRangeError, InvalidRequestError, PersonaError, TokenLimitError
 from infrastructure.persona.contrastive_run import (
     ContrastiveExamples,
@@ -33,7 +33,7 @@ def _options(body: ExtractRequest) -> RegistryOptions:
     return RegistryOptions(name=body.name, description=body.description, persist=body.persist, overwrite=body.overwrite)
 
 
-def _examples(runtime: Runtime, body: ExtractRequest) -> ContrastiveExamples:
+def _examples(runtime: Serving, body: ExtractRequest) -> ContrastiveExamples:
     tokenizer = runtime.loaded.tokenizer
     if body.pairs is not None:
         examples = pair_examples(tokenizer, [(p.question, p.positive, p.negative) for p in body.pairs])
@@ -53,7 +53,7 @@ def _examples(runtime: Runtime, body: ExtractRequest) -> ContrastiveExamples:
     return examples
 
 
-def prepare(runtime: Runtime, body: ExtractRequest) -> tuple[ContrastiveExamples, list[int] | None]:
+def prepare(runtime: Serving, body: ExtractRequest) -> tuple[ContrastiveExamples, list[int] | None]:
     """The tokenised examples and candidate layers; raises the request's 4xx before any model work."""
     runtime.require_engine()
     n_layers = runtime.loaded.n_layers
@@ -64,7 +64,7 @@ def prepare(runtime: Runtime, body: ExtractRequest) -> tuple[ContrastiveExamples
     return _examples(runtime, body), sorted(set(body.layers)) if body.layers else None
 
 
-def _register(runtime: Runtime, body: ExtractRequest, result: ContrastiveResult) -> ExtractResponse:
+def _register(runtime: Serving, body: ExtractRequest, result: ContrastiveResult) -> ExtractResponse:
     meta = {"format": "extracted", **result.metadata()}
     meta["residual_median_norms"] = {str(k): round(r, 3) for k, r in enumerate(result.resid_medians)}
     vectors = {k: result.vectors[k].clone() for k in range(result.vectors.shape[0])}
@@ -81,7 +81,7 @@ def _register(runtime: Runtime, body: ExtractRequest, result: ContrastiveResult)
     )
 
 
-async def run_extract(runtime: Runtime, body: ExtractRequest) -> ExtractResponse:
+async def run_extract(runtime: Serving, body: ExtractRequest) -> ExtractResponse:
     examples, layers = prepare(runtime, body)
     result = await extract(runtime.require_engine(), examples, layers=layers)
     return _register(runtime, body, result)
@@ -91,7 +91,7 @@ def _event(name: str, data: dict) -> bytes:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
 
 
-async def stream_extract(runtime: Runtime, body: ExtractRequest) -> AsyncIterator[bytes]:
+async def stream_extract(runtime: Serving, body: ExtractRequest) -> AsyncIterator[bytes]:
     """Validate now (4xx before the stream), then SSE: `progress` per engine job, one `result` or `error`."""
     examples, layers = prepare(runtime, body)
     engine = runtime.require_engine()

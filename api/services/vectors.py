@@ -220,12 +220,12 @@ def delete_vector(runtime: Serving, name: str) -> VectorDeleted:
     return VectorDeleted(name=name, deleted=True, file_removed=removed)
 
 
-def check_name_free(runtime: Runtime, opts: RegistryOptions) -> None:
+def check_name_free(runtime: Serving, opts: RegistryOptions) -> None:
     """Refuse now what `register_computed` would refuse later (before spending time computing a vector)."""
     _check_name(runtime, opts)
 
 
-def register_computed(runtime: Runtime, opts: RegistryOptions, vectors: dict[int, torch.Tensor], meta: dict):
+def register_computed(runtime: Serving, opts: RegistryOptions, vectors: dict[int, torch.Tensor], meta: dict):
     """Register vectors computed by the server itself (e.g. extraction): the same checks and storage as a
     registration by floats or file."""
     _check_vectors(runtime, vectors, {layer: ("name", "name") for layer in vectors})

@@ -103,7 +103,7 @@ async def test_extract_streams_progress_from_texts(client):
         ({"positive": ["a"] * 8}, 422, None),
         ({"name": "Bad Name"}, 422, "name"),
         ({"pairs": PAIRS, "extra": 1}, 422, "extra"),
-        ({"name": "sarcasm"}, 409, "name"),
+        ({"name": "sarcasm"}, 403, "name"),  # shipped traits are read-only
     ],
 )
 async def test_bad_input_is_a_clear_4xx(client, change, status, param):
