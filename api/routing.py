@@ -37,3 +37,22 @@ class JSONRoute(APIRoute):
             return await handler(FastJSONRequest(request.scope, request.receive))
 
         return route
+
+
+class NeuronpediaRoute(JSONRoute):
+    """Neuronpedia's routes: every error answer (validation, domain, HTTP) in the flat shape its
+    webapp parses, `{"error": "<message>", "type", "param"}` (see api/services/neuronpedia_wire.py)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            from api.services.neuronpedia_wire import flat_error_response
+            from app.errors import answer_error
+
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return flat_error_response(await answer_error(request, exc))
+
+        return route

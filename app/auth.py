@@ -1,6 +1,6 @@
 """Optional shared-secret auth (pure ASGI, so streaming and disconnects pass through untouched).
 
-With SECRET (or API_KEY) set, every route but /health and the playground page needs
+With SECRET (or API_KEY) set, every route but /health, /ping (RunPod's load balancer) and the playground page needs
 `X-SECRET-KEY: <secret>` (Neuronpedia) or `Authorization: Bearer <secret>` (RunPod, OpenAI);
 compared in constant time."""
 
@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 # exact paths only (no prefixes): the probe, and the playground page with its two static files,
 # which hold no data (the page sends the secret the user types with every API call it makes)
-OPEN_PATHS = frozenset({"/health", "/", "/playground/app.js", "/playground/app.css"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/", "/playground/app.js", "/playground/app.css"})
 
 
 def presented_secret(headers: dict[bytes, bytes]) -> bytes | None:

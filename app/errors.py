@@ -100,6 +100,17 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
 
 
+async def answer_error(request: Request, exc: Exception) -> JSONResponse:
+    """The answer `install_error_handlers` gives to `exc` (for routes that reshape it, e.g. Neuronpedia's)."""
+    if isinstance(exc, PersonaError):
+        return await _persona_error(request, exc)
+    if isinstance(exc, RequestValidationError):
+        return await _validation_error(request, exc)
+    if isinstance(exc, StarletteHTTPException):
+        return await _http_error(request, exc)
+    return await _unexpected(request, exc)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(PersonaError, _persona_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

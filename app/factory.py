@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
-from api.routes import completion_chat, generate, health, openai, playground, traits, vectors
+from api.routes import completion_chat, generate, health, openai, playground, runpod, traits, vectors
 from app.auth import SecretAuthMiddleware
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimitMiddleware, install_rate_limit
@@ -41,7 +41,7 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     app = FastAPI(title="Persona Serving API", version="1.0.0", description=DESCRIPTION, lifespan=lifespan)
     app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (health, generate, traits, completion_chat, openai, vectors, playground):
+    for module in (health, generate, traits, completion_chat, runpod, openai, vectors, playground):
         app.include_router(module.router)
     _add_middleware(app, settings, runtime)
     return app

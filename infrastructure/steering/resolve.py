@@ -12,7 +12,7 @@ import torch
 
 from infrastructure.errors import InvalidRequestError
 from infrastructure.steering.sites import check_vector, parse_hook
-from infrastructure.steering.spec import Method, Positions, SteeringOp, SteeringSpec, add_op, cap_op
+from infrastructure.steering.spec import Method, Positions, SteeringOp, SteeringSpec, add_op, cap_op, ortho_op
 from infrastructure.storage.traits import TraitStore
 
 
@@ -62,11 +62,13 @@ def _vector_of(ref: VectorRef, traits: TraitStore, shape: ModelShape) -> tuple[i
 
 def resolve_op(ref: VectorRef, traits: TraitStore, shape: ModelShape) -> SteeringOp:
     site, vector = _vector_of(ref, traits, shape)
-    must_normalise = ref.normalize or ref.method is Method.CAP
+    must_normalise = ref.normalize or ref.method is not Method.ADD  # CAP and ORTHO use the direction
     param = ref.field(ref.values_field if ref.trait is None else "trait")
     check_vector(vector, shape.hidden_size, param, allow_zero=not must_normalise)
     if ref.method is Method.CAP:
         return cap_op(site, vector, ref.scale)
+    if ref.method is Method.ORTHO:
+        return ortho_op(site, vector, ref.scale)
     return add_op(site, vector, ref.scale, normalize=ref.normalize)
 
 
