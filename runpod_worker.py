@@ -50,17 +50,17 @@ def load_runtime() -> Runtime:
     return RUNTIME
 
 
-def worker_concurrency(max_batch_size: int, requested: str | None = None) -> int:
-    """Jobs one worker takes at once: RUNPOD_CONCURRENCY (default: all that fit), bounded by the engine's
-    batch (each job may need two rows). Constant: the SDK only resizes its queue once it is empty."""
+def worker_concurrency(max_batch_size: int, requested: int = 0) -> int:
+    """Jobs one worker takes at once: RUNPOD_CONCURRENCY (0: all that fit), bounded by the engine's batch
+    (each job may need two rows). Constant: the SDK only resizes its job queue once it is empty."""
     room = max(1, max_batch_size // ROWS_PER_JOB)
-    wanted = int(requested) if requested and requested.strip().isdigit() and int(requested) > 0 else room
-    return min(wanted, room)
+    return min(requested or room, room)
 
 
 def concurrency_modifier(current: int) -> int:
     """RunPod's hook, called before each job take; the engine's settings decide."""
-    return worker_concurrency(load_runtime().settings.max_batch_size, os.environ.get("RUNPOD_CONCURRENCY"))
+    settings = load_runtime().settings
+    return worker_concurrency(settings.max_batch_size, settings.runpod_concurrency)
 
 
 async def handler(job: dict) -> AsyncIterator[dict]:
@@ -125,7 +125,7 @@ def serve_load_balancing() -> None:
     settings = Settings()
     runtime = Runtime(settings)
     app = create_app(settings, runtime=runtime)
-    health_port = int(os.environ.get("PORT_HEALTH") or settings.port)
+    health_port = settings.port_health or settings.port
     if health_port != settings.port:
         probe = FastAPI(title="RunPod health", docs_url=None, redoc_url=None, openapi_url=None)
         probe.state.runtime = runtime

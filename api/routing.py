@@ -15,6 +15,9 @@ import pydantic_core
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from api.services.neuronpedia_wire import flat_error_response
+from app.errors import answer_error
+
 
 class FastJSONRequest(Request):
     async def json(self) -> Any:
@@ -47,9 +50,6 @@ class NeuronpediaRoute(JSONRoute):
         handler = super().get_route_handler()
 
         async def route(request: Request) -> Response:
-            from api.services.neuronpedia_wire import flat_error_response
-            from app.errors import answer_error
-
             try:
                 return await handler(request)
             except Exception as exc:

@@ -11,6 +11,8 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.errors import error_body_for
+
 # exact paths only (no prefixes): the probe, and the playground page with its two static files,
 # which hold no data (the page sends the secret the user types with every API call it makes)
 OPEN_PATHS = frozenset({"/health", "/ping", "/", "/playground/app.js", "/playground/app.css"})
@@ -39,14 +41,8 @@ class SecretAuthMiddleware:
         if given is not None and hmac.compare_digest(given, self.secret):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "unauthorized",
-                    "message": "missing or wrong secret: send X-SECRET-KEY or Authorization: Bearer",
-                }
-            }
-        ).encode()
+        message = "missing or wrong secret: send X-SECRET-KEY or Authorization: Bearer"
+        body = json.dumps(error_body_for(scope["path"], "unauthorized", message)).encode()
         headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1)
     secret: str | None = Field(default=None, validation_alias=AliasChoices("SECRET", "API_KEY"))
     cors_origins: list[str] = Field(default_factory=list)
+    # RunPod (runpod_worker.py): jobs one queue worker runs at once (0: as many as the batch holds, two rows
+    # each), and the load-balancing health port RunPod sets (unset: PORT)
+    runpod_concurrency: int = Field(default=0, ge=0)
+    port_health: int | None = Field(default=None, ge=1, le=65535)
 
     # --- generation defaults (seed 002) ---
     max_tokens: int = Field(default=200, ge=1)

@@ -63,13 +63,15 @@ async def runsync(endpoint_id: str, body: RunPodRequest, jobs: JobsDep) -> dict:
     return job.status_body()
 
 
-@router.api_route("/status/{job_id}", methods=["GET", "POST"], summary="A job's status (and output when done)")
+@router.get("/status/{job_id}", summary="A job's status (and output when done)")
+@router.post("/status/{job_id}", include_in_schema=False)  # as the SDK's own local API (rp_fastapi) takes it
 async def status(endpoint_id: str, job_id: str, jobs: JobsDep):
     job = jobs.get(job_id)
     return unknown(job_id) if job is None else job.status_body()
 
 
-@router.api_route("/stream/{job_id}", methods=["GET", "POST"], summary="A job's frames since the last call")
+@router.get("/stream/{job_id}", summary="A job's frames since the last call")
+@router.post("/stream/{job_id}", include_in_schema=False)
 async def stream(endpoint_id: str, job_id: str, jobs: JobsDep):
     job = jobs.get(job_id)
     return unknown(job_id) if job is None else job.stream_body()

@@ -14,6 +14,8 @@ from typing import Any
 
 from fastapi.responses import JSONResponse
 
+from app.errors import flat_error_body
+
 CAMEL_KEYS = {
     "chat_template": "chatTemplate",
     "assistant_axis": "assistantAxis",
@@ -39,12 +41,7 @@ def in_casing(frame: dict, camel: bool) -> dict:
     return camelize(frame) if camel else frame
 
 
-def flat_error(type_: str, message: str, param: str | None = None) -> dict:
-    """The error body of the Neuronpedia routes: the message as the `error` string, the rest beside it."""
-    body = {"error": message, "type": type_}
-    if param:
-        body["param"] = param
-    return body
+flat_error = flat_error_body  # the error body of these routes: the message as the `error` string, the rest beside
 
 
 def flat_error_response(response: JSONResponse) -> JSONResponse:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 KEEP_S = 600.0
 MAX_JOBS = 1024
 FINAL = ("COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT")
+_webhooks: set[asyncio.Task] = set()  # held until done (the loop keeps only weak references to tasks)
 
 
 def job_error(type_: str, message: str, param: str | None = None) -> str:
@@ -129,7 +130,9 @@ async def run_job_input(runtime: Runtime, job: RunPodJob, timeout_s: float | Non
     finally:
         job.ended = time.monotonic()
         if job.webhook:
-            asyncio.get_running_loop().create_task(send_webhook(job.webhook, job.status_body()))
+            task = asyncio.get_running_loop().create_task(send_webhook(job.webhook, job.status_body()))
+            _webhooks.add(task)
+            task.add_done_callback(_webhooks.discard)
 
 
 async def send_webhook(url: str, payload: dict) -> bool:

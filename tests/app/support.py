@@ -9,6 +9,8 @@ from contextlib import asynccontextmanager
 import httpx
 from fastapi import FastAPI
 
+from tests.helpers import error_of
+
 GREEDY_PROBE = {"prompt": "Name a colour.", "max_tokens": 4, "temperature": 0}
 
 
@@ -23,8 +25,7 @@ def assert_error_shape(response: httpx.Response, status: int, type_: str | None 
     """The one error shape, with this status (and type); returns the inner error object."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
+    error = error_of(response.request.url.path, body)
     assert set(error) <= {"type", "message", "param"} and error["type"] and error["message"], body
     if type_ is not None:
         assert error["type"] == type_, body
