@@ -254,12 +254,12 @@ async def test_orthogonal_decomp_math_on_a_captured_activation(loaded_model):
 
 
 async def test_projection_cap_reports_pre_and_post_cap_axis_values(client, runtime):
-    """A cap along the axis at the axis layer, tau = the axis offset: the generated turn's post-cap value is
-    at most 0, its pre-cap value (the same tokens through the unsteered model) is not capped."""
+    """A cap along the axis at the axis layer, far below any natural value (turn value -200): the generated
+    turn's post-cap value is at the cap, its pre-cap value (the same tokens through the unsteered model) is not."""
     axis = runtime.axis
     if axis is None:
         pytest.skip(f"no assistant axis for the embedded model: {runtime.axis_problem}")
-    cap = {"hook": f"blocks.{axis.layer}.hook_resid_post", "strength": axis.offset,
+    cap = {"hook": f"blocks.{axis.layer}.hook_resid_post", "strength": axis.offset - 200.0,
            "steeringVector": axis.direction.tolist()}  # fmt: skip
     body = {"prompt": MESSAGES, "types": ["STEERED", "DEFAULT"], "temperature": 0, "nCompletionTokens": 8,
             "steerMethod": "PROJECTION_CAP", "steerSpecialTokens": True, "vectors": [cap], "stream": False}  # fmt: skip
@@ -267,7 +267,7 @@ async def test_projection_cap_reports_pre_and_post_cap_axis_values(client, runti
     steered, default = answer["assistantAxis"]
     post = steered["turns"][-1]["pcValuesPostCap"][axis.title]
     pre = steered["turns"][-1]["pcValues"][axis.title]
-    assert post <= 1e-3 < pre
+    assert post <= -200.0 + 1e-2 and pre > post + 1.0
     assert "pcValuesPostCap" not in default["turns"][-1]
 
 
