@@ -15,6 +15,9 @@ import pydantic_core
 from fastapi import Request, Response
 from fastapi.routing import APIRoute
 
+from api.services.neuronpedia_wire import flat_error_response
+from app.errors import answer_error
+
 
 def _no_lone_surrogates(value: Any) -> None:
     """Refuse strings that are not valid Unicode (`"\\ud800"` decodes to a lone surrogate, which tokenizers and
@@ -66,5 +69,21 @@ class JSONRoute(APIRoute):
 
         async def route(request: Request) -> Response:
             return await handler(FastJSONRequest(request.scope, request.receive))
+
+        return route
+
+
+class NeuronpediaRoute(JSONRoute):
+    """Neuronpedia's routes: every error answer (validation, domain, HTTP) in the flat shape its
+    webapp parses, `{"error": "<message>", "type", "param"}` (see api/services/neuronpedia_wire.py)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                return flat_error_response(await answer_error(request, exc))
 
         return route

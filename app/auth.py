@@ -1,6 +1,6 @@
 """Optional shared-secret auth (pure ASGI, so streaming and disconnects pass through untouched).
 
-With SECRET (or API_KEY) set, every route but /health and the playground page needs
+With SECRET (or API_KEY) set, every route but /health, /ping (RunPod's load balancer) and the playground page needs
 `X-SECRET-KEY: <secret>` (Neuronpedia) or `Authorization: Bearer <secret>` (RunPod, OpenAI);
 compared in constant time. With ADMIN_SECRET set, writes to the shared vector registry
 (POST/DELETE under /api/v1/vectors) need that secret instead: readers of the API cannot rewrite
@@ -13,10 +13,20 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-# exact paths only (no prefixes): the probe, and the playground page with its static files,
+from app.errors import error_body_for
+
+# exact paths only (no prefixes): the probes (/health, RunPod's /ping), and the playground page with its static files,
 # which hold no data (the page sends the secret the user types with every API call it makes)
 OPEN_PATHS = frozenset(
-    {"/health", "/", "/playground/app.js", "/playground/app.css", "/playground/chart.js", "/playground/extract.js"}
+    {
+        "/health",
+        "/ping",
+        "/",
+        "/playground/app.js",
+        "/playground/app.css",
+        "/playground/chart.js",
+        "/playground/extract.js",
+    }
 )
 REGISTRY_PREFIX = "/api/v1/vectors"
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -67,14 +77,8 @@ class SecretAuthMiddleware:
         if required is None or (given is not None and hmac.compare_digest(given, required)):
             await self.app(scope, receive, send)
             return
-        body = json.dumps(
-            {
-                "error": {
-                    "type": "unauthorized",
-                    "message": f"missing or wrong {what}: send X-SECRET-KEY or Authorization: Bearer",
-                }
-            }
-        ).encode()
+        message = f"missing or wrong {what}: send X-SECRET-KEY or Authorization: Bearer"
+        body = json.dumps(error_body_for(scope["path"], "unauthorized", message)).encode()
         headers = [(b"content-type", b"application/json"), (b"www-authenticate", b"Bearer")]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": body})

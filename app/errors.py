@@ -1,5 +1,6 @@
 """The one error table: every domain error, validation error and HTTP error becomes
-`{"error": {"type", "message", "param"}}` with the status below. Unknown errors are logged and
+`{"error": {"type", "message", "param"}}` with the status below (on Neuronpedia's and RunPod's routes,
+`flat_errors`, the same three as `{"error": "<message>", "type", "param"}`). Unknown errors are logged and
 answered with a generic 500 (no traceback leaves the server)."""
 
 from __future__ import annotations
@@ -59,6 +60,25 @@ HTTP_TYPES = {
 }
 
 
+def flat_error_body(type_: str, message: str, param: str | None = None) -> dict:
+    """Neuronpedia's error shape: the message as the `error` string (where its webapp reads it), the rest beside."""
+    body = {"error": message, "type": type_}
+    if param:
+        body["param"] = param
+    return body
+
+
+def flat_errors(path: str) -> bool:
+    """The routes answering errors in Neuronpedia's flat shape: its steering routes, RunPod's envelope and
+    load-balancing path, and the RunPod queue API (the one deliberate difference from every other route)."""
+    return path.startswith(("/v1/steer/", "/v2/")) or path in ("/runsync", "/generate")
+
+
+def error_body_for(path: str, type_: str, message: str, param: str | None = None) -> dict:
+    """The error body a route answers with (middleware rejections included)."""
+    return (flat_error_body if flat_errors(path) else error_body)(type_, message, param)
+
+
 def status_of(exc: PersonaError) -> int:
     return next(status for cls, status in STATUS if isinstance(exc, cls))
 
@@ -98,6 +118,17 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(error_body("internal_error", "internal server error"), status_code=500)
+
+
+async def answer_error(request: Request, exc: Exception) -> JSONResponse:
+    """The answer `install_error_handlers` gives to `exc` (for routes that reshape it, e.g. Neuronpedia's)."""
+    if isinstance(exc, PersonaError):
+        return await _persona_error(request, exc)
+    if isinstance(exc, RequestValidationError):
+        return await _validation_error(request, exc)
+    if isinstance(exc, StarletteHTTPException):
+        return await _http_error(request, exc)
+    return await _unexpected(request, exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -14,7 +14,7 @@ from limits.strategies import MovingWindowRateLimiter
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from app.errors import error_body
+from app.errors import error_body_for
 
 EXEMPT_PATHS = frozenset({"/health"})  # probes must never be throttled
 
@@ -37,7 +37,7 @@ class BodySizeLimitMiddleware:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and (not declared.strip().isdigit() or int(declared) > self.max_bytes):
-            await self._reject(send)
+            await self._reject(scope, send)
             return
         seen = 0
         started = False
@@ -61,10 +61,11 @@ class BodySizeLimitMiddleware:
         except StarletteHTTPException as exc:  # raised outside a route's own error handling
             if exc.status_code != 413 or started:
                 raise
-            await self._reject(send)
+            await self._reject(scope, send)
 
-    async def _reject(self, send: Send) -> None:
-        body = json.dumps(error_body("payload_too_large", _too_large(self.max_bytes), "body")).encode()
+    async def _reject(self, scope: Scope, send: Send) -> None:
+        message = _too_large(self.max_bytes)
+        body = json.dumps(error_body_for(scope["path"], "payload_too_large", message, "body")).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
         await send({"type": "http.response.start", "status": 413, "headers": headers})
         await send({"type": "http.response.body", "body": body})
@@ -93,7 +94,8 @@ class RateLimitMiddleware:
             return
         reset = self.window.get_window_stats(over, "client", client).reset_time
         retry = max(1, math.ceil(reset - time.time()))
-        body = json.dumps(error_body("rate_limited", f"rate limit exceeded: {over} per client (RATE_LIMIT)")).encode()
+        message = f"rate limit exceeded: {over} per client (RATE_LIMIT)"
+        body = json.dumps(error_body_for(scope["path"], "rate_limited", message)).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),

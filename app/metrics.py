@@ -21,7 +21,7 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowFinished, RowToken
 
 if TYPE_CHECKING:
-    from app.runtime import Runtime
+    from api.services.ports import ServerState
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
@@ -88,7 +88,7 @@ def instrument_engine(engine: Any) -> EngineMetrics:
 class RuntimeCollector:
     """Scrape-time view of the engine: queue depth, active requests, batch sizes, steps."""
 
-    def __init__(self, runtime: Runtime) -> None:
+    def __init__(self, runtime: ServerState) -> None:
         self.runtime = runtime
 
     def collect(self):
@@ -135,7 +135,7 @@ class RuntimeCollector:
                 yield from collector.collect()
 
 
-def install_metrics(app: FastAPI, runtime: Runtime) -> CollectorRegistry:
+def install_metrics(app: FastAPI, runtime: ServerState) -> CollectorRegistry:
     """Instrument HTTP requests and serve GET /metrics from this app's own registry."""
     registry = CollectorRegistry()
     Instrumentator(registry=registry, should_group_status_codes=False, excluded_handlers=["/metrics"]).instrument(app)

@@ -61,6 +61,10 @@ class Settings(BaseSettings):
         "(uvicorn's forwarded_allow_ips); empty: forwarded headers are ignored, the peer address is the client.",
     )
     cors_origins: list[str] = Field(default_factory=list)
+    # RunPod (runpod_worker.py): jobs one queue worker runs at once (0: as many as the batch holds, two rows
+    # each), and the load-balancing health port RunPod sets (unset: PORT)
+    runpod_concurrency: int = Field(default=0, ge=0)
+    port_health: int | None = Field(default=None, ge=1, le=65535)
 
     # --- generation defaults (seed 002) ---
     max_tokens: int = Field(default=200, ge=1)

@@ -155,7 +155,7 @@ async def bad_one(client: httpx.AsyncClient, body: dict | str) -> str:
         response = await client.post(CHAT, content=body.encode(), headers={"content-type": "application/json"})
     else:
         response = await client.post(CHAT, json=body)
-    shaped = 400 <= response.status_code < 500 and set(response.json()) == {"error"}
+    shaped = 400 <= response.status_code < 500 and isinstance(response.json().get("error"), str)  # Neuronpedia's shape
     return "bad_request" if shaped else "failed"
 
 

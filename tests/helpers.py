@@ -22,3 +22,17 @@ def chat_ids(tokenizer, question: str, system: str | None = None) -> tuple[int, 
 
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": question}]
     return render_chat(tokenizer, messages).ids
+
+
+def flat_error_path(path: str) -> bool:
+    """Neuronpedia's and RunPod's routes answer errors flat: `{"error": "<message>", "type", "param"}`."""
+    return path.startswith(("/v1/steer/", "/v2/")) or path in ("/runsync", "/generate")
+
+
+def error_of(path: str, body: dict) -> dict:
+    """A 4xx/5xx body as `{type, message, param?}`, checking it has the shape its route promises."""
+    if flat_error_path(path):
+        assert isinstance(body.get("error"), str) and set(body) <= {"error", "type", "param"}, body
+        return {"type": body["type"], "message": body["error"]} | ({"param": body["param"]} if "param" in body else {})
+    assert set(body) == {"error"}, body
+    return body["error"]

@@ -111,22 +111,14 @@ def test_infrastructure_imports_neither_app_nor_api(graph):
     assert upward == set()
 
 
-# Being rewritten by the completion-chat issue while this test was written; its functions take a
-# `Runtime` until they are switched to `api.services.ports.Serving` (a type-annotation change).
-NOT_YET_NARROW = {"api.services.completion_chat"}
-# app.metrics wraps the engine from app.runtime and reads Runtime: the engine issue replaces that with
-# engine observers. Until it lands, this one cycle is known; any other cycle fails.
-KNOWN_CYCLE = ["app.metrics", "app.runtime"]
-
-
 def test_api_services_take_a_narrow_interface_not_the_runtime(graph):
     """Services see the engine and the data they use through api/services/ports.py, not app.runtime."""
     offenders = {m for m, targets in graph.items() if m.startswith("api.services") and "app.runtime" in targets}
-    assert offenders <= NOT_YET_NARROW
+    assert offenders == set()
 
 
 def test_no_import_cycles(graph):
-    assert cycles(graph) in ([], [KNOWN_CYCLE])
+    assert cycles(graph) == []
 
 
 def test_cycle_finder_finds_a_cycle():

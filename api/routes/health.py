@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 
 from api.deps import RuntimeDep
@@ -20,6 +20,17 @@ async def health(runtime: RuntimeDep) -> JSONResponse:
     detail = runtime.load_error or (runtime.engine.broken if runtime.engine else None)
     body = {"status": state} | ({"detail": detail} if detail else {})
     return JSONResponse(body, status_code=503)
+
+
+@router.get("/ping", summary="RunPod load-balancing health check", responses={204: {"description": "Loading"}})
+async def ping(runtime: RuntimeDep):
+    """What RunPod's load balancer polls: 200 when the model serves, 204 while it loads, 503 when it failed."""
+    state = runtime.state
+    if state == "ok":
+        return JSONResponse({"status": "healthy"})
+    if state == "loading":
+        return Response(status_code=204)
+    return JSONResponse({"status": state}, status_code=503)
 
 
 @router.get("/status", response_model=StatusResponse, summary="Model, devices, traits, queue and uptime")

@@ -1,14 +1,14 @@
-"""Neuronpedia's steered completion-chat (seed 000): request body, frames, and RunPod's envelope."""
+"""Neuronpedia's steered completion-chat (seed 000 and both webapp generations): request body and
+RunPod's envelope. Field names are snake_case here; camelCase is accepted (see steer_wire.py)."""
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field
 
-from api.schemas.common import StrictModel, Temperature
-
-SteerType = Literal["STEERED", "DEFAULT"]
+from api.schemas.common import StrictModel
+from api.schemas.steer_wire import BothCasings, SteerKnobs
 
 SEED_EXAMPLE = {
     "prompt": [
@@ -27,67 +27,55 @@ SEED_EXAMPLE = {
     "steer_special_tokens": False,
 }
 
+# Neuronpedia's extra roles, rendered with the chat template as the role they stand for
+ROLE_AS = {"model": "assistant", "developer": "system"}
+
 
 class ChatMessage(StrictModel):
-    role: Literal["system", "user", "assistant"]
+    role: Literal["system", "user", "assistant", "model", "developer"] = Field(
+        description="`model` (Gemma's name) is rendered as assistant, `developer` (OpenAI's) as system."
+    )
     content: str = Field(max_length=1_000_000)
 
 
-class SteerVector(StrictModel):
-    """One vector: raw floats (`steering_vector`, with a `hook`) or a stored trait (`trait`, hook optional)."""
-
-    hook: str | None = Field(default=None, max_length=100, examples=["blocks.15.hook_resid_post"])
-    strength: float = Field(ge=-1e6, le=1e6, description="Coefficient c (ADD) or cap tau (PROJECTION_CAP).")
-    steering_vector: list[float] | None = Field(default=None, max_length=65536)
-    trait: str | None = Field(default=None, min_length=1, max_length=200, description="A stored trait instead.")
-
-    @model_validator(mode="after")
-    def _one_source(self) -> SteerVector:
-        if (self.steering_vector is None) == (self.trait is None):
-            raise ValueError("give exactly one of steering_vector or trait")
-        return self
-
-
-class CompletionChatRequest(StrictModel):
-    """The seed's body; also accepted wrapped as `{"input": {...}}`."""
+class CompletionChatRequest(SteerKnobs):
+    """The seed's body (snake_case) or the current webapp's (camelCase); also accepted wrapped as `{"input": {...}}`."""
 
     model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [SEED_EXAMPLE]}}
 
     prompt: list[ChatMessage] = Field(min_length=1, max_length=1000)
-    types: list[SteerType] = Field(default_factory=lambda: ["DEFAULT"], min_length=1, max_length=2)
-    vectors: list[SteerVector] = Field(default_factory=list, max_length=256)
-    strength_multiplier: float = Field(default=1.0, ge=-1e6, le=1e6)
-    seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
-    temperature: Temperature = Field(default=0.7, ge=0.0, le=5.0, description="0 = greedy.")
-    freq_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, description="OpenAI-style frequency penalty.")
-    n_completion_tokens: int = Field(default=512, ge=1, le=1_000_000, description="Max new tokens.")
-    steer_method: Literal["SIMPLE_ADDITIVE", "PROJECTION_CAP"] = "SIMPLE_ADDITIVE"
-    normalize_steering: bool = False
     steer_special_tokens: bool = False
-    stream: bool = True
+    is_assistant_axis: bool | None = Field(
+        default=None, description="Absent: the final frame carries `assistant_axis` (seed 000); false: it does not."
+    )
 
-    @model_validator(mode="before")
     @classmethod
     def _unwrap(cls, data: Any) -> Any:
         if isinstance(data, dict) and set(data) == {"input"} and isinstance(data["input"], dict):
             return data["input"]
         return data
 
-    @field_validator("types")
-    @classmethod
-    def _no_repeats(cls, types: list[str]) -> list[str]:
-        if len(set(types)) != len(types):
-            raise ValueError("types must not repeat")
-        return types
+
+class RunPodPolicy(BothCasings):
+    """RunPod's per-request `policy`; `executionTimeout` (ms) bounds the run, the others are queue settings."""
+
+    model_config = {**StrictModel.model_config, "extra": "allow"}
+
+    execution_timeout: int | None = Field(default=None, ge=1, description="Milliseconds.")
+    low_priority: bool | None = None
+    ttl: int | None = Field(default=None, ge=1, description="Milliseconds (queue lifetime; nothing to do here).")
 
 
-class RunSyncRequest(StrictModel):
-    """RunPod's envelope around a completion-chat body."""
+class RunSyncRequest(BothCasings):
+    """RunPod's envelope around a completion-chat body, with RunPod's request fields."""
 
     model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [{"input": SEED_EXAMPLE}]}}
 
     input: CompletionChatRequest
     id: str | None = Field(default=None, max_length=200)
+    webhook: str | None = Field(default=None, max_length=2000, description="POSTed the job's result when it ends.")
+    policy: RunPodPolicy | None = None
+    s3_config: dict[str, Any] | None = Field(default=None, description="Accepted; results are never uploaded.")
 
 
 class RunSyncResponse(StrictModel):

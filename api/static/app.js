@@ -23,7 +23,8 @@ function headers() {
 async function errorText(response) {
   try {
     const body = await response.json();
-    const e = body.error || {};
+    // nested {"error": {type, message, param}}, or Neuronpedia's routes: {"error": message, type, param}
+    const e = typeof body.error === "string" ? { type: body.type, message: body.error, param: body.param } : body.error || {};
     return `${response.status} ${e.type || ""}: ${e.message || JSON.stringify(body)}${e.param ? ` (${e.param})` : ""}`;
   } catch {
     return `${response.status} ${response.statusText}`;
@@ -209,7 +210,7 @@ async function stream(body) {
   });
   if (!response.ok) throw new Error(await errorText(response));
   for await (const frame of sseEvents(response)) {
-    if (frame.error) throw new Error(`${frame.error.type}: ${frame.error.message}`);
+    if (frame.error) throw new Error(`${frame.type}: ${frame.error}`); // Neuronpedia's flat error frame
     showFrame(frame);
   }
 }

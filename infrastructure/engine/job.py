@@ -26,6 +26,17 @@ class SamplingParams:
     presence_penalty: float = 0.0
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks force output lengths
+    n_logprobs: int = 0  # > 0: report the chosen token's logprob and this many top candidates per token
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's score: log_softmax of the logits the sampler drew from (after penalties,
+    divided by the temperature when it is > 0), with the `n_logprobs` best (token id, logprob) pairs."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,7 @@ class RowToken:
     token_id: int
     delta: str
     text: str  # cumulative
+    logprobs: list[TokenLogprob] | None = None  # tokens since the previous RowToken (n_logprobs > 0)
 
 
 @dataclass
@@ -56,6 +68,7 @@ class RowFinished:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     captures: dict[str, list[float]] = field(default_factory=dict)  # name -> projection per position
+    logprobs: list[TokenLogprob] | None = None  # every generated token's (n_logprobs > 0)
 
     @property
     def completion_tokens(self) -> int:

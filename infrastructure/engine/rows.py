@@ -9,7 +9,7 @@ from typing import Any
 import torch
 
 from infrastructure.engine.detok import Detokenizer
-from infrastructure.engine.job import GenerationJob, RowFinished, RowRequest, RowToken
+from infrastructure.engine.job import GenerationJob, RowFinished, RowRequest, RowToken, TokenLogprob
 from infrastructure.engine.sampling import RowSampler
 from infrastructure.steering.spec import Positions
 
@@ -48,6 +48,8 @@ class Row:
     captured: dict[str, list[float]] = field(default_factory=dict)
     finish_reason: str | None = None
     stopped_text: str | None = None  # the text cut before a stop string
+    logprobs: list[TokenLogprob] | None = None  # every token's, when the row asks for n_logprobs
+    logprobs_sent: int = 0  # how many of them RowTokens already carried
 
     @property
     def prompt_len(self) -> int:
@@ -79,6 +81,10 @@ class Row:
         """Take the sampled token; set finish_reason when the row is done. Returns the stream event."""
         params = self.request.sampling
         self.sampler.observe(token_id)
+        if params.n_logprobs > 0 and self.sampler.last_logprob is not None:
+            if self.logprobs is None:
+                self.logprobs = []
+            self.logprobs.append(self.sampler.last_logprob)
         is_eos = token_id in self.eos_ids and not params.ignore_eos
         delta = "" if is_eos else self.detok.push(token_id)
         if is_eos:
@@ -91,7 +97,10 @@ class Row:
             self.finish_reason = "length"
         if not delta:
             return None
-        return RowToken(row=self.index, token_id=token_id, delta=delta, text=self.detok.text)
+        fresh = None
+        if self.logprobs is not None:
+            fresh, self.logprobs_sent = self.logprobs[self.logprobs_sent :], len(self.logprobs)
+        return RowToken(row=self.index, token_id=token_id, delta=delta, text=self.detok.text, logprobs=fresh)
 
     def _hit_stop(self) -> bool:
         text = self.detok.text
@@ -111,6 +120,7 @@ class Row:
             finish_reason=reason,
             prompt_tokens=self.prompt_len,
             captures=self.captured,
+            logprobs=list(self.logprobs) if self.logprobs is not None else None,
         )
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import torch
 
-from infrastructure.engine.job import SamplingParams
+from infrastructure.engine.job import SamplingParams, TokenLogprob
 
 
 class RowSampler:
@@ -19,6 +20,7 @@ class RowSampler:
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
             self.generator.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+        self.last_logprob: TokenLogprob | None = None  # set by `sample` for rows with n_logprobs > 0
         self.counts: torch.Tensor | None = None
         if params.frequency_penalty or params.presence_penalty:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
@@ -79,4 +81,30 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int | None]
                 chosen[i] = torch.multinomial(probs[j], 1, generator=samplers[i].generator)[0]
             except RuntimeError:  # a distribution multinomial refuses: this row fails, not the batch
                 broken[i] = True
-    return [None if b else t for t, b in zip(chosen.tolist(), broken.tolist())]
+    tokens = [None if b else t for t, b in zip(chosen.tolist(), broken.tolist())]
+    record_logprobs(logits, tokens, samplers)
+    return tokens
+
+
+def _finite(value: float) -> float:
+    return value if math.isfinite(value) else -100.0  # as Neuronpedia: JSON has no -inf
+
+
+def record_logprobs(logits: torch.Tensor, tokens: list[int | None], samplers: list[RowSampler]) -> None:
+    """For rows asking for logprobs: log_softmax of the penalised logits divided by the row's temperature
+    (by 1 when greedy), i.e. the distribution the token was drawn from before top-p; one transfer for all."""
+    rows = [i for i, s in enumerate(samplers) if s.params.n_logprobs > 0 and tokens[i] is not None]
+    if not rows:
+        return
+    device = logits.device
+    idx = torch.tensor(rows, device=device)
+    temps = torch.tensor([samplers[i].params.temperature or 1.0 for i in rows], device=device)
+    logprobs = (logits[idx] / temps.unsqueeze(-1)).log_softmax(dim=-1)
+    k = min(max(samplers[i].params.n_logprobs for i in rows), logprobs.shape[-1])
+    top_values, top_ids = logprobs.topk(k, dim=-1)
+    picked = logprobs.gather(-1, torch.tensor([[tokens[i]] for i in rows], device=device))[:, 0]
+    top_values, top_ids, picked = top_values.tolist(), top_ids.tolist(), picked.tolist()
+    for j, i in enumerate(rows):
+        n = samplers[i].params.n_logprobs
+        top = tuple((t, _finite(v)) for t, v in zip(top_ids[j][:n], top_values[j][:n]))
+        samplers[i].last_logprob = TokenLogprob(tokens[i], _finite(picked[j]), top)

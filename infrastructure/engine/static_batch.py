@@ -29,7 +29,7 @@ from infrastructure.steering.sites import decoder_layers
 
 log = logging.getLogger(__name__)
 
-Layout = tuple[tuple[int, bool, int, int], ...]  # (site, adds, caps, captures) per site
+Layout = tuple[tuple[int, bool, int, int, int], ...]  # (site, adds, caps, captures, orthos) per site
 
 
 class _SlotLayer(CacheLayerMixin):
@@ -91,7 +91,8 @@ def buckets(limit: int, start: int, grow) -> list[int]:
 
 
 def layout_of(steering: BatchSteering) -> Layout:
-    return tuple((site, t.add is not None, len(t.caps), len(t.captures)) for site, t in sorted(steering.tables.items()))
+    tables = sorted(steering.tables.items())
+    return tuple((site, t.add is not None, len(t.caps), len(t.captures), len(t.orthos)) for site, t in tables)
 
 
 class StaticBatch:
@@ -284,6 +285,7 @@ class StaticBatch:
                 add=t.add[:b] if t.add is not None else None,
                 caps=[(u[:b], tau[:b]) for u, tau in t.caps],
                 captures=[c[:b] for c in t.captures],
+                orthos=[(u[:b], keep[:b]) for u, keep in t.orthos],
             )
             for site, t in self._tables[layout].items()
         }
@@ -318,7 +320,7 @@ class StaticBatch:
             fixed = static[site]
             if fixed.add is not None:
                 fixed.add.zero_()[:n].copy_(table.add)
-            for (u, tau), (u_now, tau_now) in zip(fixed.caps, table.caps):
+            for (u, tau), (u_now, tau_now) in zip(fixed.caps + fixed.orthos, table.caps + table.orthos):
                 u.zero_()[:n].copy_(u_now)
                 tau.zero_()[:n].copy_(tau_now)
             for direction, now in zip(fixed.captures, table.captures):
@@ -335,6 +337,7 @@ class StaticBatch:
                 add=zeros(t.add, hidden, self.table_dtype) if t.add is not None else None,
                 caps=[(zeros(u, hidden, self.table_dtype), zeros(tau, 1, self.table_dtype)) for u, tau in t.caps],
                 captures=[zeros(c, hidden, torch.float32) for c in t.captures],
+                orthos=[(zeros(u, hidden, self.table_dtype), zeros(k, 1, self.table_dtype)) for u, k in t.orthos],
             )
             for site, t in steering.tables.items()
         }

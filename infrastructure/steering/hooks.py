@@ -5,8 +5,11 @@ unsteered requests), so one hook per site serves every row in one vectorised ste
 
     ADD   h <- h + mask * delta                      delta [B,1,H]
     CAP   h <- h - mask * max(0, h.u - tau) * u      u [B,1,H], tau [B,1,1]  (u = 0: no-op)
+    ORTHO h <- h + mask * (c - 1) * (h.u) * u        u [B,1,H], c - 1 [B,1,1] (u = 0: no-op)
 
-Adds at a site are applied before caps. `mask` [B,T,1] is set by the engine for every forward.
+ORTHO is Neuronpedia's ORTHOGONAL_DECOMP, h - (h.u)u + c(h.u)u written as one update. At a site,
+adds are applied first, then orthogonal decompositions, then caps. `mask` [B,T,1] is set by the engine
+for every forward.
 A zero delta / zero u leaves a row bit-identical to an unhooked forward.
 """
 
@@ -29,11 +32,12 @@ HOOK_MARK = "_persona_serving_hook"
 class SiteTable:
     add: torch.Tensor | None = None  # [B,1,H]
     caps: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (u [B,1,H], tau [B,1,1])
+    orthos: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)  # (u [B,1,H], c-1 [B,1,1])
     captures: list[torch.Tensor] = field(default_factory=list)  # directions [B,1,H], one per capture slot
 
     @property
     def steers(self) -> bool:
-        return self.add is not None or bool(self.caps)
+        return self.add is not None or bool(self.caps) or bool(self.orthos)
 
 
 @dataclass
@@ -83,7 +87,7 @@ def build_tables(
     def zeros(site: int, last: int = hidden_size) -> torch.Tensor:
         return torch.zeros(batch, 1, last, dtype=dtype, device=device_of(site))
 
-    cap_slots: dict[tuple[int, int], int] = {}
+    slots: dict[tuple[int, int, Method], int] = {}
     for row, spec in enumerate(specs):
         for op in spec.ops if spec else ():
             t = table(op.site)
@@ -92,19 +96,20 @@ def build_tables(
                 if t.add is None:
                     t.add = zeros(op.site)
                 t.add[row, 0] += vec
-            else:
-                slot = cap_slots.get((row, op.site), 0)
-                cap_slots[(row, op.site)] = slot + 1
-                while len(t.caps) <= slot:
-                    t.caps.append((zeros(op.site), zeros(op.site, 1)))
-                t.caps[slot][0][row, 0] = vec
-                t.caps[slot][1][row, 0, 0] = op.tau
+                continue
+            pairs = t.caps if op.method is Method.CAP else t.orthos
+            slot = slots.get((row, op.site, op.method), 0)
+            slots[(row, op.site, op.method)] = slot + 1
+            while len(pairs) <= slot:
+                pairs.append((zeros(op.site), zeros(op.site, 1)))
+            pairs[slot][0][row, 0] = vec
+            pairs[slot][1][row, 0, 0] = op.tau if op.method is Method.CAP else op.tau - 1.0
     for row, row_captures in enumerate(captures):
-        slots: dict[int, int] = {}
+        capture_slots: dict[int, int] = {}
         for cap in row_captures:
             t = table(cap.site)
-            slot = slots.get(cap.site, 0)
-            slots[cap.site] = slot + 1
+            slot = capture_slots.get(cap.site, 0)
+            capture_slots[cap.site] = slot + 1
             while len(t.captures) <= slot:
                 t.captures.append(torch.zeros(batch, 1, hidden_size, dtype=torch.float32, device=device_of(cap.site)))
             t.captures[slot][row, 0] = cap.direction.to(device=device_of(cap.site), dtype=torch.float32)
@@ -120,6 +125,9 @@ def make_site_hook(site: int, table: SiteTable, state: BatchSteering) -> Callabl
             mask = state.mask_for(hidden)
             if table.add is not None:
                 hidden = hidden + table.add * mask
+            for u, keep in table.orthos:
+                along = (hidden * u).sum(-1, keepdim=True)
+                hidden = hidden + (keep * along * mask) * u
             for u, tau in table.caps:
                 excess = ((hidden * u).sum(-1, keepdim=True) - tau).clamp_min(0)
                 hidden = hidden - (excess * mask) * u

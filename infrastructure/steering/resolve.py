@@ -13,7 +13,7 @@ import torch
 
 from infrastructure.errors import InvalidRequestError
 from infrastructure.steering.sites import check_vector, parse_hook
-from infrastructure.steering.spec import Method, Positions, SteeringOp, SteeringSpec, add_op, cap_op
+from infrastructure.steering.spec import Method, Positions, SteeringOp, SteeringSpec, add_op, cap_op, ortho_op
 from infrastructure.storage.traits import TraitStore
 
 
@@ -54,7 +54,7 @@ def steering_value_limit(dtype: torch.dtype, configured: float) -> float:
 
 def check_magnitude(op: SteeringOp, limit: float, param: str) -> None:
     """Refuse an operation whose scaled values are non-finite or beyond `limit` (see steering_value_limit)."""
-    value = abs(op.tau) if op.method is Method.CAP else float(op.vector.abs().max())
+    value = abs(op.tau) if op.method is not Method.ADD else float(op.vector.abs().max())  # CAP: tau, ORTHO: c
     if not math.isfinite(value) or value > limit:
         shown = "overflows" if not math.isfinite(value) else f"reaches {value:.3g}"
         raise InvalidRequestError(
@@ -84,10 +84,15 @@ def _vector_of(ref: VectorRef, traits: TraitStore, shape: ModelShape) -> tuple[i
 
 def resolve_op(ref: VectorRef, traits: TraitStore, shape: ModelShape) -> SteeringOp:
     site, vector = _vector_of(ref, traits, shape)
-    must_normalise = ref.normalize or ref.method is Method.CAP
+    must_normalise = ref.normalize or ref.method is not Method.ADD  # CAP and ORTHO use the direction
     param = ref.field(ref.values_field if ref.trait is None else "trait")
     check_vector(vector, shape.hidden_size, param, allow_zero=not must_normalise)
-    op = cap_op(site, vector, ref.scale) if ref.method is Method.CAP else add_op(site, vector, ref.scale, ref.normalize)
+    if ref.method is Method.CAP:
+        op = cap_op(site, vector, ref.scale)
+    elif ref.method is Method.ORTHO:
+        op = ortho_op(site, vector, ref.scale)
+    else:
+        op = add_op(site, vector, ref.scale, normalize=ref.normalize)
     check_magnitude(op, shape.max_value, ref.param or "scalar")
     return op
 

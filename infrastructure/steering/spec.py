@@ -11,6 +11,7 @@ import torch
 class Method(str, Enum):
     ADD = "add"  # h <- h + c*v
     CAP = "cap"  # h <- h - max(0, h.u - tau) * u   (u = v/|v|)
+    ORTHO = "ortho"  # h <- h - (h.u)u + c(h.u)u       (u = v/|v|; Neuronpedia's ORTHOGONAL_DECOMP)
 
 
 class Positions(str, Enum):
@@ -25,7 +26,8 @@ class SteeringOp:
 
     `site` is a decoder layer index L (its output, `blocks.L.hook_resid_post`) or -1 for the
     embeddings (the input of layer 0, `blocks.0.hook_resid_pre`). For ADD, `vector` is the
-    already-scaled delta c*v; for CAP it is the unit direction u and `tau` the cap.
+    already-scaled delta c*v; for CAP it is the unit direction u and `tau` the cap; for ORTHO it is
+    the unit direction u and `tau` the coefficient c kept on it.
     """
 
     site: int
@@ -58,6 +60,12 @@ def cap_op(site: int, vector: torch.Tensor, tau: float) -> SteeringOp:
     """PROJECTION_CAP operation: the projection on u = v/|v| is capped at tau."""
     v = vector.detach().to(torch.float32)
     return SteeringOp(site=site, method=Method.CAP, vector=v / v.norm(), tau=float(tau))
+
+
+def ortho_op(site: int, vector: torch.Tensor, coefficient: float) -> SteeringOp:
+    """ORTHOGONAL_DECOMP: h = (I-P)h + P h along u = v/|v| becomes (I-P)h + c*P h (c = 1: unchanged)."""
+    v = vector.detach().to(torch.float32)
+    return SteeringOp(site=site, method=Method.ORTHO, vector=v / v.norm(), tau=float(coefficient))
 
 
 @dataclass(frozen=True)

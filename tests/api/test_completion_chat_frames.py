@@ -7,7 +7,6 @@ from api.services.completion_chat_frames import (
     AxisView,
     ChatContext,
     assistant_axis,
-    error_frame,
     final_frame,
     frame,
     turn_projections,
@@ -57,6 +56,18 @@ def test_final_frame_with_axis_and_without():
     assert without["outputs"] == frame(CTX, ["a", "b"])["outputs"]
 
 
-def test_error_frame_shape():
-    assert error_frame("timeout", "too slow") == {"error": {"type": "timeout", "message": "too slow"}}
-    assert error_frame("x", "y", "vectors.0.hook")["error"]["param"] == "vectors.0.hook"
+def test_logprobs_only_when_there_are_some_and_axis_can_be_turned_off():
+    lp = [{"token": "a", "logprob": -0.1, "top_logprobs": [{"token": "a", "logprob": -0.1}]}]
+    out = frame(CTX, ["a", "b"], [lp, []])["outputs"]
+    assert out[0]["logprobs"] == lp and "logprobs" not in out[1]  # Neuronpedia omits an empty list
+    assert set(final_frame(CTX, ["a", "b"], None, "x", with_axis=False)) == {"outputs", "input"}
+
+
+def test_capped_rows_report_pre_and_post_cap_values():
+    spans = [(3, 6)]
+    generated = [0.0] * 10 + [5.0, 5.0]  # prompt 10 tokens, then the capped turn
+    unsteered = [0.0] * 10 + [9.0, 7.0]
+    entries = assistant_axis(CTX, AXIS, spans, 10, ["x", "y"], [generated, generated], [unsteered, None])
+    capped, plain = entries[0]["turns"][-1], entries[1]["turns"][-1]
+    assert capped["pc_values"] == {AXIS.title: 7.0} and capped["pc_values_post_cap"] == {AXIS.title: 4.0}
+    assert plain["pc_values"] == {AXIS.title: 4.0} and "pc_values_post_cap" not in plain

@@ -7,7 +7,10 @@ from collections.abc import Callable
 
 import httpx
 
-from tests.helpers import client_for  # noqa: F401  (re-exported for the app tests)
+from tests.helpers import (
+    client_for,  # noqa: F401  (re-exported for the app tests)
+    error_of,
+)
 
 GREEDY_PROBE = {"prompt": "Name a colour.", "max_tokens": 4, "temperature": 0}
 
@@ -16,8 +19,7 @@ def assert_error_shape(response: httpx.Response, status: int, type_: str | None 
     """The one error shape, with this status (and type); returns the inner error object."""
     assert response.status_code == status, response.text
     body = response.json()
-    assert set(body) == {"error"}, body
-    error = body["error"]
+    error = error_of(response.request.url.path, body)
     assert set(error) <= {"type", "message", "param"} and error["type"] and error["message"], body
     if type_ is not None:
         assert error["type"] == type_, body

@@ -135,4 +135,4 @@ async def test_out_of_shape_requests_are_refused_naming_the_field(client, hook, 
     body = {"prompt": CHAT, "types": ["STEERED"], "vectors": [vector], "n_completion_tokens": 1, "stream": False}
     r = await client.post(URL, json=body)
     assert r.status_code == 400, r.text
-    assert r.json()["error"]["param"] == param
+    assert r.json()["param"] == param  # Neuronpedia's flat error shape

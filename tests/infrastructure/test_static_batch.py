@@ -11,7 +11,7 @@ import torch
 from infrastructure.engine.engine import PersonaEngine
 from infrastructure.engine.job import GenerationJob, RowRequest, RowToken, SamplingParams
 from infrastructure.steering.hooks import our_hooks
-from infrastructure.steering.spec import Capture, SteeringSpec, add_op, cap_op
+from infrastructure.steering.spec import Capture, SteeringSpec, add_op, cap_op, ortho_op
 from tests.helpers import chat_ids
 
 LAYER = 15
@@ -50,7 +50,8 @@ async def test_greedy_answer_and_steering_match_the_dynamic_engine(static_engine
     ids = chat_ids(engine.tokenizer, "What is the capital of France?")
     done = await _alone(static_engine, RowRequest(ids, SamplingParams(max_new_tokens=24)))
     assert done.text == "The capital of France is Paris."
-    spec = SteeringSpec((add_op(LAYER, _vec(1, 120.0), 1.0), cap_op(LAYER + 2, _vec(2), 0.5)))
+    ortho = ortho_op(LAYER + 1, _vec(3), 4.0)  # ORTHOGONAL_DECOMP's buffers in the static tables too
+    spec = SteeringSpec((add_op(LAYER, _vec(1, 120.0), 1.0), ortho, cap_op(LAYER + 2, _vec(2), 0.5)))
     caps = (Capture("axis", LAYER + 2, _vec(2) / 40.0),)
     ids = chat_ids(engine.tokenizer, "Tell me about the ocean.")
     row = RowRequest(ids, SamplingParams(max_new_tokens=24), spec, caps)

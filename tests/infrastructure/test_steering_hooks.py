@@ -104,3 +104,27 @@ def test_hookset_removes_its_hooks_after_an_exception():
             assert sorted(our_hooks(model)) == ["embed", "layers.2"]
             raise RuntimeError("fault")
     assert our_hooks(model) == []
+
+
+def test_ortho_scales_only_the_component_along_u():
+    from infrastructure.steering.spec import ortho_op
+
+    v = torch.tensor([0.0, 2.0, 0.0, 0.0])  # u = e1 after normalising
+    hidden = torch.tensor([[[1.0, 3.0, -1.0, 2.0], [0.5, -2.0, 4.0, 0.0]]])
+    for c in (0.0, 1.0, 2.5, -1.0):
+        out, _ = _apply(_tables([SteeringSpec((ortho_op(2, v, c),)), None]), 2, torch.cat([hidden, hidden]))
+        expected = hidden.clone()
+        expected[..., 1] *= c  # h - (h.u)u + c(h.u)u
+        assert torch.allclose(out[0], expected[0]), c
+        assert torch.equal(out[1], hidden[0])  # the unsteered row is untouched
+
+
+def test_ortho_matches_the_projector_formula_for_any_direction():
+    from infrastructure.steering.spec import ortho_op
+
+    g = torch.Generator().manual_seed(3)
+    v, hidden = torch.randn(H, generator=g), torch.randn(1, 3, H, generator=g)
+    u = v / v.norm()
+    out, _ = _apply(_tables([SteeringSpec((ortho_op(0, v, 0.25),))]), 0, hidden.clone())
+    along = (hidden @ u).unsqueeze(-1)
+    assert torch.allclose(out, hidden - along * u + 0.25 * along * u, atol=1e-6)
