@@ -121,16 +121,16 @@ async def test_gguf_bomb_is_refused_at_once_and_uploads_parse_off_the_loop(clien
 
 
 async def test_prompt_limits_are_checked_on_characters_first_and_name_the_context(make_app, client, monkeypatch):
-    import api.services.generate as generate
+    import api.services.checks as checks
 
     calls = []
-    real = generate.render_chat
+    real = checks.render_chat
 
     def spy(*args, **kwargs):
         calls.append(threading.current_thread() is threading.main_thread())
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(generate, "render_chat", spy)
+    monkeypatch.setattr(checks, "render_chat", spy)
     async with client_for(make_app(token_limit=40)) as c:
         huge = await c.post(BASELINE, json={"prompt": "x" * 200_000, "max_tokens": 2})
     error = assert_error_shape(huge, 400, "token_limit")
