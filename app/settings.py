@@ -61,6 +61,11 @@ class Settings(BaseSettings):
         "(uvicorn's forwarded_allow_ips); empty: forwarded headers are ignored, the peer address is the client.",
     )
     cors_origins: list[str] = Field(default_factory=list)
+    webhook_hosts: str = Field(
+        default="",
+        description="Comma-separated host names a RunPod-style `webhook` may point at (the server POSTs results "
+        "there); empty: requests with a webhook are refused, so no client can make the server call arbitrary URLs.",
+    )
     # RunPod (runpod_worker.py): jobs one queue worker runs at once (0: as many as the batch holds, two rows
     # each), and the load-balancing health port RunPod sets (unset: PORT)
     runpod_concurrency: int = Field(default=0, ge=0)

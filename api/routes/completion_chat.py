@@ -18,7 +18,7 @@ from api.schemas.completion_chat import CompletionChatRequest, RunSyncRequest, R
 from api.services.completion import start_completion
 from api.services.completion_chat import collect_frames, start_completion_chat
 from api.services.finite import finite
-from api.services.runpod_jobs import send_webhook
+from api.services.runpod_jobs import check_webhook, send_webhook
 from api.services.steer_common import wants_stream
 from api.services.steer_stream import SteerStream, last_of, sse_data
 
@@ -76,6 +76,7 @@ async def runsync(
 ) -> RunSyncResponse:
     """Run a completion-chat input to the end; `output` is every frame, as RunPod's aggregated stream.
     RunPod's `policy.executionTimeout` (ms) bounds the run; `webhook` is POSTed the answer afterwards."""
+    check_webhook(runtime.settings, body.webhook)
     timeout = body.policy.execution_timeout / 1000 if body.policy and body.policy.execution_timeout else None
     frames = await until_disconnected(request, collect_frames(runtime, body.input, timeout))
     answer_ = RunSyncResponse(id=body.id or f"sync-{uuid.uuid4()}", output=finite(frames))

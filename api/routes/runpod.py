@@ -15,7 +15,7 @@ from api.routing import NeuronpediaRoute
 from api.schemas.common import StrictModel
 from api.schemas.completion_chat import RunPodPolicy
 from api.schemas.steer_wire import BothCasings
-from api.services.runpod_jobs import FINAL, RunPodJobs
+from api.services.runpod_jobs import FINAL, RunPodJobs, check_webhook
 
 router = APIRouter(prefix="/v2/{endpoint_id}", route_class=NeuronpediaRoute, tags=["RunPod queue API (local)"])
 
@@ -51,6 +51,7 @@ def unknown(job_id: str) -> JSONResponse:
 
 @router.post("/run", summary="Queue a job (it starts at once)")
 async def run(endpoint_id: str, body: RunPodRequest, jobs: JobsDep) -> dict:
+    check_webhook(jobs.runtime.settings, body.webhook)
     job = jobs.start(body.input, body.webhook, timeout_of(body))
     return {"id": job.id, "status": job.status}
 
@@ -58,6 +59,7 @@ async def run(endpoint_id: str, body: RunPodRequest, jobs: JobsDep) -> dict:
 @router.post("/runsync", summary="Run a job to its end")
 async def runsync(endpoint_id: str, body: RunPodRequest, jobs: JobsDep) -> dict:
     """RunPod's answer whatever the job did: `status` COMPLETED with `output` (every frame), or FAILED with `error`."""
+    check_webhook(jobs.runtime.settings, body.webhook)
     job = jobs.start(body.input, body.webhook, timeout_of(body))
     await job.task
     return job.status_body()

@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 from pydantic import ValidationError
@@ -22,7 +23,7 @@ from pydantic import ValidationError
 from api.schemas.completion_chat import CompletionChatRequest
 from api.services.completion_chat import start_completion_chat
 from api.services.ports import ServerState
-from infrastructure.errors import PersonaError
+from infrastructure.errors import InvalidRequestError, PersonaError
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,19 @@ async def run_job_input(runtime: ServerState, job: RunPodJob, timeout_s: float |
             task = asyncio.get_running_loop().create_task(send_webhook(job.webhook, job.status_body()))
             _webhooks.add(task)
             task.add_done_callback(_webhooks.discard)
+
+
+def check_webhook(settings, url: str | None) -> None:
+    """A webhook makes the server POST to a URL a client chose: only to hosts the operator listed (WEBHOOK_HOSTS)."""
+    if url is None:
+        return
+    allowed = {h.strip().lower() for h in settings.webhook_hosts.split(",") if h.strip()}
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise InvalidRequestError("the webhook must be an http(s) URL", "webhook")
+    if parsed.hostname.lower() not in allowed:
+        why = "webhooks are off (WEBHOOK_HOSTS is empty)" if not allowed else "its host is not in WEBHOOK_HOSTS"
+        raise InvalidRequestError(f"the webhook is refused: {why}", "webhook")
 
 
 async def send_webhook(url: str, payload: dict) -> bool:

@@ -92,7 +92,22 @@ class Receiver(BaseHTTPRequestHandler):
         return None
 
 
-async def test_runsync_accepts_runpods_request_fields_and_calls_the_webhook(client):
+async def test_webhooks_go_only_to_listed_hosts(client, runtime, monkeypatch):
+    """A webhook makes the server POST where the client says: refused (400 naming it) unless WEBHOOK_HOSTS lists
+    the host, on every route that takes one, before any model work."""
+    body = {"input": CHAT, "webhook": "http://169.254.169.254/latest"}
+    for path in ("/runsync", "/v2/local/run", "/v2/local/runsync"):
+        r = await client.post(path, json=body)
+        assert r.status_code == 400 and r.json()["param"] == "webhook" and "WEBHOOK_HOSTS" in r.json()["error"], path
+    monkeypatch.setattr(runtime.settings, "webhook_hosts", "hooks.example")
+    r = await client.post("/runsync", json=body)
+    assert r.status_code == 400 and "not in WEBHOOK_HOSTS" in r.json()["error"]
+    r = await client.post("/runsync", json={"input": CHAT, "webhook": "file:///etc/passwd"})
+    assert r.status_code == 400 and r.json()["param"] == "webhook"
+
+
+async def test_runsync_accepts_runpods_request_fields_and_calls_the_webhook(client, runtime, monkeypatch):
+    monkeypatch.setattr(runtime.settings, "webhook_hosts", "127.0.0.1")
     server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
