@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from api.schemas.completion_chat import ROLE_AS, CompletionChatRequest
+from api.services.chat_common import AXIS_CAPTURE, assistant_spans, axis_captures
 from api.services.checks import render_prompt, render_prompt_now
 from api.services.completion_chat_frames import AxisView, ChatContext, assistant_axis, final_frame, frame
 from api.services.neuronpedia_wire import in_casing
@@ -22,11 +23,9 @@ from infrastructure.engine.engine import PersonaEngine
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowFinished, RowRequest, RowToken, SamplingParams
 from infrastructure.errors import PersonaError
 from infrastructure.prompting import RenderedPrompt
-from infrastructure.steering.spec import Capture, Method, SteeringSpec
+from infrastructure.steering.spec import Method, SteeringSpec
 
 log = logging.getLogger(__name__)
-
-AXIS_CAPTURE = "assistant_axis"
 
 
 @dataclass(frozen=True)
@@ -53,7 +52,7 @@ def build_rows(
 ) -> list[RowRequest]:
     sampling = sampling_of(runtime, body)
     axis = runtime.axis if with_axis else None
-    captures = (Capture(AXIS_CAPTURE, axis.layer, axis.direction),) if axis is not None else ()
+    captures = axis_captures(axis)
     mask = None if body.steer_special_tokens else prompt.content_mask
     return [
         RowRequest(prompt.ids, sampling, steering, captures, mask)
@@ -80,7 +79,7 @@ def prepare(runtime: Serving, body: CompletionChatRequest, prompt: RenderedPromp
     with_axis = body.is_assistant_axis is not False
     rows = build_rows(runtime, body, prompt, steering, with_axis)
     axis = runtime.axis
-    spans = [s for m, s in zip(rendered, prompt.spans) if m["role"] == "assistant"]
+    spans = assistant_spans(rendered, prompt)
     return PreparedChat(
         ctx=ChatContext(messages=messages, prompt_text=prompt.text, types=list(body.types)),
         rows=rows,

@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 from pydantic import ValidationError
 
+from api.schemas.common import error_body
 from api.schemas.completion_chat import CompletionChatRequest
 from api.services.completion_chat import start_completion_chat
 from api.services.ports import ServerState
@@ -34,11 +35,8 @@ _webhooks: set[asyncio.Task] = set()  # held until done (the loop keeps only wea
 
 
 def job_error(type_: str, message: str, param: str | None = None) -> str:
-    """A failed job's `error`: JSON text (RunPod's field is a string), never a Python repr."""
-    body = {"type": type_, "message": message}
-    if param:
-        body["param"] = param
-    return json.dumps(body)
+    """A failed job's `error`: JSON text (RunPod's field is a string) of the one error object, never a Python repr."""
+    return json.dumps(error_body(type_, message, param)["error"])
 
 
 def validation_error(exc: ValidationError) -> str:
