@@ -56,6 +56,7 @@ async def test_sigterm_drains_streams_then_ends_the_rest_with_an_error_frame(eng
     assert refused.status_code == 503 and refused.json()["error"]["type"] == "engine_unavailable"
     assert health.status_code == 503 and health.json() == {"status": "stopping"}
     assert "assistant_axis" in short_frames[-1]  # drained: the final frame came
-    assert set(long_frames[-1]) == {"error"} and long_frames[-1]["error"]["type"] == "engine_unavailable"
+    last = long_frames[-1]  # Neuronpedia's mid-stream error frame: the text so far, the message as `error`
+    assert last["type"] == "engine_unavailable" and isinstance(last["error"], str) and "outputs" in last
     assert "outputs" in long_frames[0]
     assert our_hooks(loaded_model.model) == []
