@@ -133,12 +133,16 @@ class DecodeGraphs:
         bs = r.block_size
         write = r.tables[slots, positions // bs] * bs + positions % bs
         layout = StepLayout(r.pool, write, [], True)
-        kv, mask = decode_layout(r.tables, bs, slots, lengths, length, r.scratch_slot)
-        if r.kernel == "flash":  # keys beyond the last offset are padding the kernel never reads
-            layout.flat_kv, layout.max_q, layout.max_k = kv, 1, length
+        if r.kernel in ("flash", "flash_paged"):  # keys beyond the last offset are padding the kernel never reads
+            layout.max_q, layout.max_k = 1, length
             layout.cu_q = torch.arange(b + 1, device=r.device, dtype=torch.int32)
             layout.cu_k = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+            if r.kernel == "flash_paged":  # read in place: the rows' block tables, no gathered copy
+                layout.block_table = r.tables[slots].to(torch.int32)
+            else:
+                layout.flat_kv, _ = decode_layout(r.tables, bs, slots, lengths, length, r.scratch_slot)
         else:
+            kv, mask = decode_layout(r.tables, bs, slots, lengths, length, r.scratch_slot)
             layout.decode_q, layout.decode_kv, layout.decode_mask = torch.arange(b, device=r.device), kv, mask
         with HookSet(r.model, state):
             out = r.model(
