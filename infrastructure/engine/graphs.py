@@ -22,6 +22,7 @@ import torch
 
 from infrastructure.engine.paged_attention import StepLayout
 from infrastructure.engine.runner import ModelRunner, Work, decode_layout, map_tensors
+from infrastructure.engine.split_keys import MIN_LONGEST, split_layout
 from infrastructure.engine.static_batch import buckets
 from infrastructure.steering.hooks import BatchSteering, HookSet, SiteTable
 
@@ -88,7 +89,8 @@ class DecodeGraphs:
         if length is None:
             return None
         sig = signature(row_tables)
-        key = (b, length, sig)
+        split = self.runner.kernel == "flash" and max(w.position + 1 for w in works) >= MIN_LONGEST
+        key = (b, length, sig, split)
         self._seen[key] += 1
         if key not in self._graphs and self._seen[key] < self.min_seen:
             return None
@@ -111,7 +113,7 @@ class DecodeGraphs:
             self._filled = (sig, rows_key)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(b, length, static)
+            entry = self._graphs[key] = self._capture(b, length, static, split)
         entry.graph.replay()
         self.replays += 1
         captured = {k: v[0, :n] for k, v in entry.state.captured.items()}
@@ -127,7 +129,7 @@ class DecodeGraphs:
             self._tables[sig] = {site: map_tensors(t, zeros) for site, t in row_tables.items()}
         return self._tables[sig]
 
-    def _forward(self, b: int, length: int, state: BatchSteering) -> torch.Tensor:
+    def _forward(self, b: int, length: int, state: BatchSteering, split: bool = False) -> torch.Tensor:
         r = self.runner
         ids, positions, slots, lengths = (self.inputs[i, :b] for i in range(4))
         bs = r.block_size
@@ -141,6 +143,8 @@ class DecodeGraphs:
                 layout.block_table = r.tables[slots].to(torch.int32)
             else:
                 layout.flat_kv, _ = decode_layout(r.tables, bs, slots, lengths, length, r.scratch_slot)
+            if split:  # a long row: its keys in chunks, merged (flash-decoding)
+                layout.split = split_layout(lengths, length, r.heads // r.pool.kv_heads)
         else:
             kv, mask = decode_layout(r.tables, bs, slots, lengths, length, r.scratch_slot)
             layout.decode_q, layout.decode_kv, layout.decode_mask = torch.arange(b, device=r.device), kv, mask
@@ -155,7 +159,7 @@ class DecodeGraphs:
             )
         return out.logits[0].float()
 
-    def _capture(self, b: int, length: int, static: dict[int, SiteTable]) -> _Graph:
+    def _capture(self, b: int, length: int, static: dict[int, SiteTable], split: bool = False) -> _Graph:
         """Warm the shape up on a side stream, then capture it (the inputs already hold this step's values, so
         the warm-up's cache writes are the ones the step makes anyway)."""
         tables = {site: map_tensors(t, lambda x: x[:, :b]) for site, t in static.items()}
@@ -167,12 +171,12 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             for _ in range(2):
                 state.set_mask(mask)
-                self._forward(b, length, state)
+                self._forward(b, length, state, split)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         state.set_mask(mask)
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(b, length, state)
+            logits = self._forward(b, length, state, split)
         self.captures += 1
         log.info("captured paged decode graph: %d rows, %d key/value slots", b, length)
         return _Graph(graph, logits, state)

@@ -31,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from infrastructure.engine.split_keys import SplitKeys, group_queries, merge
 from infrastructure.steering.sites import decoder_layers
 
 PREFIX = "persona_paged:"
@@ -57,6 +58,7 @@ class StepLayout:
     decode_kv: torch.Tensor | None = None  # their blocks' slots, concatenated
     decode_mask: torch.Tensor | None = None  # [n_decode, len(decode_kv)] own row only
     flat_kv: torch.Tensor | None = None  # flash: every row's slots, packed
+    split: SplitKeys | None = None  # flash decode steps with a long row: key chunks merged (split_keys.py)
     block_table: torch.Tensor | None = None  # flash_paged: int32 [rows, blocks] read in place (no gather)
     cu_q: torch.Tensor | None = None  # flash: int32 [rows+1] query offsets
     cu_k: torch.Tensor | None = None  # flash: int32 [rows+1] key offsets
@@ -161,6 +163,19 @@ def _flash_in_place(step: StepLayout, q, k_pool, v_pool, device, scaling) -> tor
     return out.unsqueeze(0)
 
 
+def _flash_split(step: StepLayout, q, k_pool, v_pool, device, scaling) -> torch.Tensor:
+    """A decode step (one query per row) over the packed keys, long rows split into key chunks: [1,T,H,d]."""
+    sp = step.split
+    kv = step.on("flat_kv", device)
+    heads, kv_heads = q.shape[1], k_pool.shape[1]
+    queries = group_queries(q[0].transpose(0, 1)[sp.q_index], kv_heads)
+    g = heads // kv_heads
+    out, lse = torch.ops.aten._flash_attention_forward(
+        queries, k_pool[kv], v_pool[kv], sp.cu_q, sp.cu_k, g, sp.chunk, 0.0, False, False, scale=scaling
+    )[:2]
+    return merge(out, lse, sp, heads).unsqueeze(0)
+
+
 def paged_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of one layer for a step: query [1,H,T,d], key/value [1,KV,T,d] of the step's tokens.
     Returns [1,T,H,d] like transformers' own attention functions."""
@@ -174,6 +189,8 @@ def paged_forward(module, query, key, value, attention_mask, scaling=None, dropo
     q = query.to(k_pool.dtype)
     if step.block_table is not None:
         return _flash_in_place(step, q, k_pool, v_pool, device, scaling), None
+    if step.split is not None:
+        return _flash_split(step, q, k_pool, v_pool, device, scaling), None
     if step.flat_kv is not None:
         kv = step.on("flat_kv", device)
         packed = q[0].transpose(0, 1).contiguous()  # [T,H,d]

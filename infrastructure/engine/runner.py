@@ -83,6 +83,7 @@ class ModelRunner:
         self.grouped = kernel == "grouped"
         self.device = model.get_input_embeddings().weight.device
         self.pool = KVPool(model, num_blocks + 1, block_size, dtype)  # + a scratch block for padding rows
+        self.heads = int(model.config.get_text_config().num_attention_heads)
         self.scratch_row = max_rows  # a table row whose every entry is the scratch block
         self.scratch_slot = num_blocks * block_size
         for keys, values in zip(self.pool.keys, self.pool.values):  # padding reads it: finite, never NaN
