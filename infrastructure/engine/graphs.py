@@ -22,7 +22,7 @@ import torch
 
 from infrastructure.engine.paged_attention import StepLayout
 from infrastructure.engine.runner import ModelRunner, Work, decode_layout, map_tensors
-from infrastructure.engine.split_keys import MIN_LONGEST, split_layout
+from infrastructure.engine.split_keys import split_layout, worth_splitting
 from infrastructure.engine.static_batch import buckets
 from infrastructure.steering.hooks import BatchSteering, HookSet, SiteTable
 
@@ -75,6 +75,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: Counter = Counter()
         self._pool = torch.cuda.graph_pool_handle()
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.captures = 0
         self.replays = 0
 
@@ -89,7 +90,8 @@ class DecodeGraphs:
         if length is None:
             return None
         sig = signature(row_tables)
-        split = self.runner.kernel == "flash" and max(w.position + 1 for w in works) >= MIN_LONGEST
+        longest = max(w.position + 1 for w in works)
+        split = self.runner.kernel == "flash" and worth_splitting(b, longest, self.runner.pool.kv_heads, self.sms)
         key = (b, length, sig, split)
         self._seen[key] += 1
         if key not in self._graphs and self._seen[key] < self.min_seen:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from infrastructure.engine.split_keys import group_queries, merge, split_layout
+from infrastructure.engine.split_keys import group_queries, merge, split_layout, worth_splitting
 
 KV, G, D = 2, 3, 8
 
@@ -52,3 +52,9 @@ def test_split_rows_merge_to_full_attention_and_single_chunks_are_untouched():
     whole = whole.view(5, G, KV, D).permute(0, 2, 1, 3).reshape(5, KV * G, D)
     for i in (0, 1, 3):  # one chunk each: exactly the kernel's output
         assert torch.equal(merged[i], whole[i])
+
+
+def test_only_steps_with_a_long_row_and_enough_rows_to_fill_the_gpu_are_split():
+    assert worth_splitting(rows=64, longest=6001, kv_heads=4, sms=132)
+    assert not worth_splitting(rows=64, longest=384, kv_heads=4, sms=132)  # short rows: nothing to balance
+    assert not worth_splitting(rows=1, longest=32001, kv_heads=4, sms=132)  # the kernel splits few rows itself
