@@ -243,6 +243,7 @@ class PagedLoop:
             if prefill:
                 self.observers.before_forward("prefill")
         except Exception as exc:  # fault injection: only the rows starting their prompt fail
+            self.stats["failed_batches"] += 1  # a failed prefill is a failed batch, as in the legacy loop
             self._fail_rows(prefill, exc)
             items, prefill = [(r, n) for r, n in items if r in self._live], []
             if not items:
