@@ -6,7 +6,9 @@ and per-token steering tables (one zeroed buffer per tensor of the rows' `SiteTa
 needs nothing here). The captured region computes the attention layout from those inputs and the
 device block tables, then runs the model with the steering hooks inside; hooks are registered only
 while a graph is captured (the replay carries the steering kernels, the model carries no hook of ours).
-Padding rows decode a dummy token into a scratch block that no real row reads.
+Padding rows decode a dummy token into a scratch block that no real row reads. With the `flash` kernel, a
+step whose longest row is long and whose rows fill the GPU gets its own graph that splits long rows' keys
+into chunks (`split_keys.py`), so one long conversation does not hold up every decode step.
 
 A shape is captured once it has been seen `min_seen` times (steady decoding), so transient shapes of a
 changing batch run eagerly instead of each costing a capture.
