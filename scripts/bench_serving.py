@@ -84,7 +84,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decode", default="auto", choices=["auto", "paged", "dynamic", "static", "graphs"], help="DECODE_MODE"
     )
     p.add_argument(
-        "--attention", default="auto", choices=["auto", "flash", "grouped", "rows"], help="paged attention kernel"
+        "--attention",
+        default="auto",
+        choices=["auto", "flash", "flash_paged", "grouped", "rows"],
+        help="paged attention kernel",
     )
     p.add_argument("--w5-long", type=int, default=None, help="W5 long prompt tokens (6,000 on GPU)")
     p.add_argument("--w6-long", type=int, default=None, help="W6 long prompt tokens (32,000 on GPU)")
@@ -96,6 +99,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--tokenizer", type=Path, default=None, help="tokenizer folder for random archs (default: the embedded model's)"
     )
+    p.add_argument("--only", default=None, help="comma-separated workloads to run (W1,W2,W3,W4,W5,W6,W7,W2seq)")
     p.add_argument("--json", type=Path, default=None, help="where to write every number (default test-artifacts/)")
     args = p.parse_args(argv)
     args.device = resolve_device(args.device)
@@ -361,7 +365,13 @@ def monitoring_axis(runtime: Runtime, loaded: LoadedModel) -> tuple[AssistantAxi
     return axis, "synthetic (no persona data for this model)"
 
 
+ONLY: set[str] = set()  # --only: the workloads to run (empty: all)
+
+
 def timed(name: str, step, *args, _last=[time.perf_counter()]) -> None:  # noqa: B006 (progress on stderr)
+    workload = "W2seq" if name == "W2 one at a time" else name.split()[0]
+    if ONLY and workload.startswith("W") and workload not in ONLY:
+        return
     step(*args)
     now = time.perf_counter()
     print(f"[bench] {name} done in {now - _last[0]:.1f}s", file=sys.stderr, flush=True)
@@ -448,10 +458,11 @@ def environment(args: argparse.Namespace, loaded: LoadedModel, axis_source: str)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ATTENTION[0] = args.attention
+    ONLY.update(w.strip() for w in (args.only or "").split(",") if w.strip())
     started = time.perf_counter()
     numbers = run_all(args)
     numbers["total_s"] = time.perf_counter() - started
-    table = render_table(numbers)
+    table = render_table(numbers) if not ONLY else f"(only {args.only}: see the JSON)"
     print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(numbers | {"table": table}, indent=2, default=str) + "\n")

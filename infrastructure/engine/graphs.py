@@ -6,7 +6,9 @@ and per-token steering tables (one zeroed buffer per tensor of the rows' `SiteTa
 needs nothing here). The captured region computes the attention layout from those inputs and the
 device block tables, then runs the model with the steering hooks inside; hooks are registered only
 while a graph is captured (the replay carries the steering kernels, the model carries no hook of ours).
-Padding rows decode a dummy token into a scratch block that no real row reads.
+Padding rows decode a dummy token into a scratch block that no real row reads. With the `flash` kernel, a
+step whose longest row is long and whose rows fill the GPU gets its own graph that splits long rows' keys
+into chunks (`split_keys.py`), so one long conversation does not hold up every decode step.
 
 A shape is captured once it has been seen `min_seen` times (steady decoding), so transient shapes of a
 changing batch run eagerly instead of each costing a capture.
@@ -22,6 +24,7 @@ import torch
 
 from infrastructure.engine.paged_attention import StepLayout
 from infrastructure.engine.runner import ModelRunner, Work, decode_layout, map_tensors
+from infrastructure.engine.split_keys import split_layout, worth_splitting
 from infrastructure.engine.static_batch import buckets
 from infrastructure.steering.hooks import BatchSteering, HookSet, SiteTable
 
@@ -74,6 +77,7 @@ class DecodeGraphs:
         self._graphs: dict[tuple, _Graph] = {}
         self._seen: Counter = Counter()
         self._pool = torch.cuda.graph_pool_handle()
+        self.sms = torch.cuda.get_device_properties(device).multi_processor_count
         self.captures = 0
         self.replays = 0
 
@@ -88,7 +92,9 @@ class DecodeGraphs:
         if length is None:
             return None
         sig = signature(row_tables)
-        key = (b, length, sig)
+        longest = max(w.position + 1 for w in works)
+        split = self.runner.kernel == "flash" and worth_splitting(b, longest, self.runner.pool.kv_heads, self.sms)
+        key = (b, length, sig, split)
         self._seen[key] += 1
         if key not in self._graphs and self._seen[key] < self.min_seen:
             return None
@@ -111,7 +117,7 @@ class DecodeGraphs:
             self._filled = (sig, rows_key)
         entry = self._graphs.get(key)
         if entry is None:
-            entry = self._graphs[key] = self._capture(b, length, static)
+            entry = self._graphs[key] = self._capture(b, length, static, split)
         entry.graph.replay()
         self.replays += 1
         captured = {k: v[0, :n] for k, v in entry.state.captured.items()}
@@ -127,18 +133,24 @@ class DecodeGraphs:
             self._tables[sig] = {site: map_tensors(t, zeros) for site, t in row_tables.items()}
         return self._tables[sig]
 
-    def _forward(self, b: int, length: int, state: BatchSteering) -> torch.Tensor:
+    def _forward(self, b: int, length: int, state: BatchSteering, split: bool = False) -> torch.Tensor:
         r = self.runner
         ids, positions, slots, lengths = (self.inputs[i, :b] for i in range(4))
         bs = r.block_size
         write = r.tables[slots, positions // bs] * bs + positions % bs
         layout = StepLayout(r.pool, write, [], True)
-        kv, mask = decode_layout(r.tables, bs, slots, lengths, length, r.scratch_slot)
-        if r.kernel == "flash":  # keys beyond the last offset are padding the kernel never reads
-            layout.flat_kv, layout.max_q, layout.max_k = kv, 1, length
+        if r.kernel in ("flash", "flash_paged"):  # keys beyond the last offset are padding the kernel never reads
+            layout.max_q, layout.max_k = 1, length
             layout.cu_q = torch.arange(b + 1, device=r.device, dtype=torch.int32)
             layout.cu_k = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)]).to(torch.int32)
+            if r.kernel == "flash_paged":  # read in place: the rows' block tables, no gathered copy
+                layout.block_table = r.tables[slots].to(torch.int32)
+            else:
+                layout.flat_kv, _ = decode_layout(r.tables, bs, slots, lengths, length, r.scratch_slot)
+            if split:  # a long row: its keys in chunks, merged (flash-decoding)
+                layout.split = split_layout(lengths, length, r.heads // r.pool.kv_heads)
         else:
+            kv, mask = decode_layout(r.tables, bs, slots, lengths, length, r.scratch_slot)
             layout.decode_q, layout.decode_kv, layout.decode_mask = torch.arange(b, device=r.device), kv, mask
         with HookSet(r.model, state):
             out = r.model(
@@ -151,7 +163,7 @@ class DecodeGraphs:
             )
         return out.logits[0].float()
 
-    def _capture(self, b: int, length: int, static: dict[int, SiteTable]) -> _Graph:
+    def _capture(self, b: int, length: int, static: dict[int, SiteTable], split: bool = False) -> _Graph:
         """Warm the shape up on a side stream, then capture it (the inputs already hold this step's values, so
         the warm-up's cache writes are the ones the step makes anyway)."""
         tables = {site: map_tensors(t, lambda x: x[:, :b]) for site, t in static.items()}
@@ -163,12 +175,12 @@ class DecodeGraphs:
         with torch.cuda.stream(side):
             for _ in range(2):
                 state.set_mask(mask)
-                self._forward(b, length, state)
+                self._forward(b, length, state, split)
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         state.set_mask(mask)
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._forward(b, length, state)
+            logits = self._forward(b, length, state, split)
         self.captures += 1
         log.info("captured paged decode graph: %d rows, %d key/value slots", b, length)
         return _Graph(graph, logits, state)

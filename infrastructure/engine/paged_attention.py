@@ -9,6 +9,8 @@ each query attend to its own row's positions only, read through the row's block 
   which other rows share the step);
 - `grouped`: every decoding row in one SDPA call over the concatenation of their blocks with a
   block-diagonal mask, plus one call per prompt chunk (fp32 on a GPU);
+- `flash_paged`: the same kernel reading the pool in place through the rows' block tables (its
+  `block_table` argument), so no key/value is copied (CUDA, bf16/fp16; the block size must suit the kernel);
 - `flash`: every row in one call of the FlashAttention-2 variable-length kernel that PyTorch ships
   (`aten._flash_attention_forward` with cumulative sequence lengths; causal masks aligned bottom-right,
   so a prompt chunk sees its row's earlier positions): the rows' blocks are gathered into one packed
@@ -29,6 +31,7 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from infrastructure.engine.split_keys import SplitKeys, group_queries, merge
 from infrastructure.steering.sites import decoder_layers
 
 PREFIX = "persona_paged:"
@@ -55,6 +58,8 @@ class StepLayout:
     decode_kv: torch.Tensor | None = None  # their blocks' slots, concatenated
     decode_mask: torch.Tensor | None = None  # [n_decode, len(decode_kv)] own row only
     flat_kv: torch.Tensor | None = None  # flash: every row's slots, packed
+    split: SplitKeys | None = None  # flash decode steps with a long row: key chunks merged (split_keys.py)
+    block_table: torch.Tensor | None = None  # flash_paged: int32 [rows, blocks] read in place (no gather)
     cu_q: torch.Tensor | None = None  # flash: int32 [rows+1] query offsets
     cu_k: torch.Tensor | None = None  # flash: int32 [rows+1] key offsets
     max_q: int = 0
@@ -98,7 +103,7 @@ class KVPool:
         config = model.config.get_text_config()
         self.kv_heads = int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
-        self.num_slots = num_blocks * block_size
+        self.num_slots, self.block_size = num_blocks * block_size, block_size
         shape = (self.num_slots, self.kv_heads, self.head_dim)
         devices = [next(layer.parameters()).device for layer in decoder_layers(model)]
         alloc = torch.zeros if devices[0].type == "cuda" else torch.empty  # CPU pages stay untouched until used
@@ -137,6 +142,40 @@ def _sdpa_decode(q, k, v, mask, scaling: float | None) -> torch.Tensor:
     return out.reshape(1, heads, n, d)
 
 
+def _flash_in_place(step: StepLayout, q, k_pool, v_pool, device, scaling) -> torch.Tensor:
+    """FlashAttention-2 varlen reading each row's keys/values through its block table (the pool viewed as
+    [blocks, block_size, KV, d]): nothing is copied. Returns [1,T,H,d]."""
+    bs = step.pool.block_size
+    out = torch.ops.aten._flash_attention_forward(
+        q[0].transpose(0, 1).contiguous(),
+        k_pool.view(-1, bs, *k_pool.shape[1:]),
+        v_pool.view(-1, bs, *v_pool.shape[1:]),
+        step.on("cu_q", device),
+        step.on("cu_k", device),
+        step.max_q,
+        step.max_k,
+        0.0,
+        True,
+        False,
+        scale=scaling,
+        block_table=step.on("block_table", device),
+    )[0]
+    return out.unsqueeze(0)
+
+
+def _flash_split(step: StepLayout, q, k_pool, v_pool, device, scaling) -> torch.Tensor:
+    """A decode step (one query per row) over the packed keys, long rows split into key chunks: [1,T,H,d]."""
+    sp = step.split
+    kv = step.on("flat_kv", device)
+    heads, kv_heads = q.shape[1], k_pool.shape[1]
+    queries = group_queries(q[0].transpose(0, 1)[sp.q_index], kv_heads)
+    g = heads // kv_heads
+    out, lse = torch.ops.aten._flash_attention_forward(
+        queries, k_pool[kv], v_pool[kv], sp.cu_q, sp.cu_k, g, sp.chunk, 0.0, False, False, scale=scaling
+    )[:2]
+    return merge(out, lse, sp, heads).unsqueeze(0)
+
+
 def paged_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """Attention of one layer for a step: query [1,H,T,d], key/value [1,KV,T,d] of the step's tokens.
     Returns [1,T,H,d] like transformers' own attention functions."""
@@ -148,6 +187,10 @@ def paged_forward(module, query, key, value, attention_mask, scaling=None, dropo
     k_pool.index_copy_(0, slots, key[0].transpose(0, 1).to(k_pool.dtype))
     v_pool.index_copy_(0, slots, value[0].transpose(0, 1).to(v_pool.dtype))
     q = query.to(k_pool.dtype)
+    if step.block_table is not None:
+        return _flash_in_place(step, q, k_pool, v_pool, device, scaling), None
+    if step.split is not None:
+        return _flash_split(step, q, k_pool, v_pool, device, scaling), None
     if step.flat_kv is not None:
         kv = step.on("flat_kv", device)
         packed = q[0].transpose(0, 1).contiguous()  # [T,H,d]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -29,6 +30,19 @@ from infrastructure.errors import GenerationError, RequestTimeoutError, TokenLim
 from infrastructure.steering.hooks import build_tables
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class Launched:
+    """A step whose forward is queued: its rows and their works, the rows in their prompt, the outputs."""
+
+    items: list[tuple[PagedRow, int]]
+    works: list[Work]
+    prefill: list[PagedRow]
+    logits: torch.Tensor | None
+    captured: dict
+    num_tokens: int
+    started: float
 
 
 class PagedLoop:
@@ -78,6 +92,8 @@ class PagedLoop:
         if self.cuda_graphs and one_gpu and self.loaded.quantization == "none":
             self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
         self._live: list[PagedRow] = []
+        self._ahead: Launched | None = None  # the next step, launched before this one's tokens were streamed
+        self.ahead_launches = 0
         self._seq_ids = 0
         self._tables_for: tuple[tuple[int, ...], dict] | None = None
         ids = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)
@@ -115,6 +131,7 @@ class PagedLoop:
             pending = list(self._pending)
             self._pending.clear()
         live = getattr(self, "_live", [])
+        self._ahead = None
         jobs = list({id(r.job): r.job for r in live}.values()) + pending
         for row in list(live):
             self._sched.remove(row.seq)
@@ -201,13 +218,23 @@ class PagedLoop:
     # ---- one step ----
 
     def _step(self) -> None:
+        """Collect the step launched ahead during the last one, or schedule and launch one now, then finish it."""
+        launched, self._ahead = self._ahead, None
+        if launched is None:
+            launched = self._launch_step()
+        if launched is not None:
+            self._collect_step(launched)
+
+    def _launch_step(self, ahead: bool = False) -> Launched | None:
+        """Schedule a step and queue its forward (on CUDA it runs while Python goes on). None: nothing ran.
+        Ahead, a failure propagates (the caller drops the launch and the next step schedules it again)."""
         started = time.perf_counter()
         plan = self._sched.schedule()
         for seq in plan.preempted:
             self._release(seq.payload)
         if not plan.items:
             self._unservable()
-            return
+            return None
         items = [(seq.payload, n) for seq, n in plan.items]
         for row, _ in items:
             if row.slot is None:
@@ -221,7 +248,7 @@ class PagedLoop:
             self._fail_rows(prefill, exc)
             items, prefill = [(r, n) for r, n in items if r in self._live], []
             if not items:
-                return
+                return None
         rows = [r for r, _ in items]
         works = [self._work(r, n) for r, n in items]
         try:
@@ -230,52 +257,92 @@ class PagedLoop:
             tables = self._row_tables(rows)
             replayed = self._graphs.run(works, tables, self._tables_for[0]) if self._graphs else None
             logits, captured = replayed or self._runner.execute(works, tables)
-            samplers = [r.sampler for r, w in zip(rows, works) if w.wants_logits]
-            picked = sample(logits, samplers) if samplers else []
+        except Exception as exc:
+            if ahead:
+                raise
+            self.stats["failed_batches"] += 1
+            self._fail_rows(rows, exc)
+            return None
+        return Launched(items, works, prefill, logits, captured, plan.num_tokens, started)
+
+    def _collect_step(self, step: Launched) -> None:
+        """Sample the step's rows, record and stream their tokens, retire finished rows. When the step only
+        decoded and no row can end, the next step is launched before the tokens are detokenised and streamed."""
+        live = {id(r) for r in self._live}  # a row dropped while its step ran ahead gets nothing
+        items = [(r, n) for r, n in step.items if id(r) in live]
+        if not items:
+            return
+        rows = [r for r, _ in items]
+        try:
+            samplers = [r.sampler for (r, _), w in zip(step.items, step.works) if w.wants_logits]
+            picked = sample(step.logits, samplers) if samplers else []
         except Exception as exc:
             self.stats["failed_batches"] += 1
             self._fail_rows(rows, exc)
             return
         # the sampler's guard: a row whose logits are not finite fails its own job, the others go on
-        sampling_rows = [r for r, w in zip(rows, works) if w.wants_logits]
-        broken = [r for r, token in zip(sampling_rows, picked) if token is None]
+        sampling_rows = [r for (r, _), w in zip(step.items, step.works) if w.wants_logits]
+        broken = [r for r, token in zip(sampling_rows, picked) if token is None and id(r) in live]
         broken_jobs = {id(r.job) for r in broken}
         tokens = iter(picked)
-        events: list[tuple[GenerationJob, Event]] = []
-        start = sampled = first = 0
-        for (row, n), work in zip(items, works):
-            if id(row.job) in broken_jobs:
+        accepted: list[tuple[PagedRow, int]] = []
+        start = 0
+        for (row, n), work in zip(step.items, step.works):
+            if id(row.job) in broken_jobs or id(row) not in live:
                 start += n
                 if work.wants_logits:
                     next(tokens)
                 continue
-            row.record_span(captured, start, row.seq.computed, n)
+            row.record_span(step.captured, start, row.seq.computed, n)
             start += n
             row.seq.computed += n
             self._publish(row)
             if work.wants_logits and row.max_new > 0:
-                sampled += 1
-                first += not row.generated
                 token = next(tokens)
                 row.push(token)
-                event = row.accept(token)
-                if event is not None:
-                    events.append((row.job, event))
+                accepted.append((row, token))
             elif row.seq.computed >= row.prompt_len and row.max_new == 0:
                 row.finish_reason = "length"  # prefill-only row: its captures are the result
+        if not broken and len(accepted) == len(step.items) and self._may_run_ahead_paged(step, accepted):
+            try:
+                self._ahead = self._launch_step(ahead=True)
+                self.ahead_launches += self._ahead is not None
+            except Exception:  # the next step schedules it again (and fails its rows if it fails again)
+                log.debug("launch ahead failed; the step runs again in turn", exc_info=True)
+        events: list[tuple[GenerationJob, Event]] = []
+        first = 0
+        for row, token in accepted:
+            first += not row.generated
+            event = row.accept(token)
+            if event is not None:
+                events.append((row.job, event))
         emitted = time.perf_counter()
         self._emit(events)
         if broken:
             self._fail_alone(broken)
         self._finish([r for r in rows if id(r.job) not in broken_jobs])
-        prefill_tokens = sum(n for r, n in items if r in prefill)
-        self._count(sampled, len(rows), prefill_tokens)
+        prefill_tokens = sum(n for r, n in items if r in step.prefill)
+        self._count(len(accepted), len(rows), prefill_tokens)
         if self.observers.has("step"):
-            info = {"rows": len(rows), "tokens": plan.num_tokens, "prefill_tokens": prefill_tokens}
-            info |= {"first_tokens": first, "started": started, "emitted": emitted, "ended": time.perf_counter()}
+            info = {"rows": len(rows), "tokens": step.num_tokens, "prefill_tokens": prefill_tokens}
+            info |= {"first_tokens": first, "started": step.started, "emitted": emitted, "ended": time.perf_counter()}
             info |= {"kv_used_blocks": self._kv.used_blocks, "kv_block_size": self.block_size}
             info["kv_cached_tokens"] = sum(s.computed for s in self._sched.running)
             self.observers.notify("step", info)
+
+    def _may_run_ahead_paged(self, step: Launched, accepted: list[tuple[PagedRow, int]]) -> bool:
+        """Launch the next step now? Only a decode-only step whose rows all go on (no end of sequence, no
+        length limit, not cancelled), with nothing waiting, no fault hook and a free block for every row (no
+        preemption). A row that stops on a stop string anyway computes one unused token."""
+        if self.fault is not None or self._pending or self._sched.waiting or step.prefill:
+            return False
+        if any(n != 1 for _, n in step.items):
+            return False
+        for row, token in accepted:
+            ends = token in row.eos_ids and not row.request.sampling.ignore_eos
+            if ends or len(row.generated) + 1 >= row.max_new or row.job.cancelled:
+                return False
+        return self._kv.free_blocks >= len(self._sched.running)
 
     def _work(self, row: PagedRow, n: int) -> Work:
         seq = row.seq

@@ -79,10 +79,11 @@ class ModelRunner:
         max_blocks: int,
     ) -> None:
         enable_paged_attention(model)
-        self.model, self.block_size, self.kernel = model, block_size, kernel  # rows | grouped | flash
+        self.model, self.block_size, self.kernel = model, block_size, kernel  # rows | grouped | flash | flash_paged
         self.grouped = kernel == "grouped"
         self.device = model.get_input_embeddings().weight.device
         self.pool = KVPool(model, num_blocks + 1, block_size, dtype)  # + a scratch block for padding rows
+        self.heads = int(model.config.get_text_config().num_attention_heads)
         self.scratch_row = max_rows  # a table row whose every entry is the scratch block
         self.scratch_slot = num_blocks * block_size
         for keys, values in zip(self.pool.keys, self.pool.values):  # padding reads it: finite, never NaN
@@ -113,7 +114,7 @@ class ModelRunner:
     def layout(self, works: list[Work], pos: torch.Tensor, tok_slot: torch.Tensor) -> StepLayout:
         bs = self.block_size
         write = self.tables[tok_slot, pos // bs] * bs + pos % bs
-        if self.kernel == "flash":
+        if self.kernel in ("flash", "flash_paged"):
             return self.flash_layout(works, write)
         spans, start, decoding = [], 0, []
         for i, w in enumerate(works):
@@ -144,7 +145,12 @@ class ModelRunner:
         lens = [w.position + n for w, n in zip(works, counts)]
         meta = torch.tensor([[w.slot for w in works], lens]).to(self.device, non_blocking=True)
         layout = StepLayout(self.pool, write, [], False)
-        layout.flat_kv, _ = decode_layout(self.tables, self.block_size, meta[0], meta[1], sum(lens), self.scratch_slot)
+        if self.kernel == "flash_paged":
+            layout.block_table = self.tables[meta[0]].to(torch.int32)
+        else:
+            layout.flat_kv, _ = decode_layout(
+                self.tables, self.block_size, meta[0], meta[1], sum(lens), self.scratch_slot
+            )
         offsets = torch.tensor([[0, *counts], [0, *lens]], dtype=torch.int32).cumsum(1, dtype=torch.int32)
         layout.cu_q, layout.cu_k = offsets.to(self.device, non_blocking=True)
         layout.max_q, layout.max_k = max(counts), max(lens)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from infrastructure.engine.engine import PersonaEngine
-from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
+from infrastructure.engine.job import GenerationJob, RowRequest, RowToken, SamplingParams
 from infrastructure.steering.spec import Capture, Positions, SteeringSpec, add_op
 from tests.helpers import chat_ids
 
@@ -75,3 +75,37 @@ async def test_preempted_rows_are_recomputed_and_equal_their_runs_alone(tight_en
     stats = tight_engine.kv_stats()
     assert stats["preemptions"] >= 1 and stats["kv_blocks_total"] == 10 and stats["kv_block_size"] == 16
     assert stats["kv_blocks_used"] == 0  # every row's blocks went back
+
+
+async def test_rows_leaving_while_a_step_runs_ahead_do_not_disturb_the_others(engine):
+    """Decode-only steps launch the next step before streaming their tokens; a row cancelled or stopped by a
+    stop string meanwhile leaves with that step in flight, and the others still equal their runs alone."""
+    tok = engine.tokenizer
+    greedy = SamplingParams(max_new_tokens=40, ignore_eos=True)
+    stays = [
+        RowRequest(chat_ids(tok, "Name three rivers."), greedy, SteeringSpec((add_op(15, _unit(8) * 40.0, 1.0),))),
+        RowRequest(chat_ids(tok, "Name three mountains."), greedy),
+    ]
+    [full] = await engine.collect(GenerationJob([RowRequest(chat_ids(tok, "Count from 1 to 30."), greedy)]))
+    stop = SamplingParams(max_new_tokens=40, stop=(full.text[10:14],))
+    stopper = RowRequest(chat_ids(tok, "Count from 1 to 30."), stop)
+    alone = [(await engine.collect(GenerationJob([r])))[0] for r in stays]
+
+    async def cancel_after(job: GenerationJob, tokens: int) -> int:
+        seen = 0
+        async for event in engine.submit(job):
+            seen += isinstance(event, RowToken)
+            if seen == tokens:
+                job.cancel()
+                return seen
+        return seen
+
+    doomed = GenerationJob([RowRequest(chat_ids(tok, "Tell me a story."), greedy)])
+    ahead_before = engine.ahead_launches
+    results = await asyncio.gather(
+        *(engine.collect(GenerationJob([r])) for r in (stays[0], stopper, stays[1])), cancel_after(doomed, 6)
+    )
+    assert [results[0][0].token_ids, results[2][0].token_ids] == [a.token_ids for a in alone]
+    assert results[1][0].text == full.text[:10] and results[1][0].finish_reason == "stop"
+    assert results[3] == 6 and doomed.cancelled
+    assert engine.ahead_launches > ahead_before
