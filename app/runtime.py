@@ -89,6 +89,7 @@ class Runtime:
                 step_tokens=self.settings.max_num_batched_tokens,
                 prefix_caching=self.settings.enable_prefix_caching,
                 gpu_memory_utilization=self.settings.gpu_memory_utilization,
+                max_unread_tokens=self.settings.max_unread_tokens,
             )
             engine.start()
             if not engine.wait_ready():

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
         default=8192, ge=16, description="Tokens per engine step: decoding rows plus prompt chunks (chunked prefill)."
     )
     enable_prefix_caching: bool = Field(default=True, description="Reuse KV blocks of equal prefixes (and steering).")
+    max_unread_tokens: int = Field(
+        default=256,
+        ge=1,
+        description="Back-pressure (paged engine): a request whose client has not read this many of its streamed "
+        "tokens stops decoding (keeping its KV blocks) until the client catches up; REQUEST_TIMEOUT_S still runs.",
+    )
     static_cache_len: int = Field(
         default=4096, ge=16, description="Columns of the static KV cache: the longest prompt + completion there."
     )

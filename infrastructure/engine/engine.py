@@ -64,6 +64,7 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
         gpu_memory_utilization: float = 0.9,
         cuda_graphs: bool = True,
         attention: str = "auto",
+        max_unread_tokens: int = 256,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -75,6 +76,7 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
         self.prefix_caching, self.gpu_memory_utilization = prefix_caching, gpu_memory_utilization
         self.cuda_graphs = cuda_graphs  # paged: decode steps replay CUDA graphs on one unquantised GPU
         self.attention = attention  # paged attention kernel: auto | flash | grouped | rows
+        self.max_unread_tokens = max_unread_tokens  # paged: a job this far behind its reader stops decoding
         static = self.decode_mode in ("static", "graphs")
         longest = static_len if static else max_model_len  # the static cache's columns
         self.context_len = min(max_model_len, longest, loaded.max_positions)

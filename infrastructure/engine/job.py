@@ -90,9 +90,11 @@ class EventChannel:
     O(tokens x text) memory. Here a row's token events that the consumer has not taken yet merge into one
     (the latest token and cumulative text, the deltas joined): the channel holds at most one token event
     per row plus the terminal events, and a slow reader simply receives bigger steps. The engine never
-    blocks on a reader (the row keeps its batch slot and its time budget, REQUEST_TIMEOUT_S, still runs)."""
+    blocks on a reader (the row keeps its batch slot and its time budget, REQUEST_TIMEOUT_S, still runs);
+    the paged engine reads `unread_tokens` and stops decoding a job whose reader falls too far behind."""
 
     def __init__(self) -> None:
+        self.unread_tokens = 0  # tokens put and not yet taken (read by the inference thread: back-pressure)
         self._items: deque[Event] = deque()
         self._waiting: dict[int, tuple[RowToken, list[str]]] = {}  # row -> its queued token event, deltas
         self._ready = asyncio.Event()
@@ -102,6 +104,7 @@ class EventChannel:
 
     def put(self, event: Event) -> None:
         if isinstance(event, RowToken):
+            self.unread_tokens += 1
             queued = self._waiting.get(event.row)
             if queued is not None:  # merge into the row's event still waiting
                 token, deltas = queued
@@ -119,6 +122,7 @@ class EventChannel:
         event = self._items.popleft()
         if isinstance(event, RowToken):
             _, deltas = self._waiting.pop(event.row)
+            self.unread_tokens -= len(deltas)
             if len(deltas) > 1:
                 event.delta = "".join(deltas)
         return event
@@ -139,6 +143,11 @@ class GenerationJob:
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._queue = EventChannel()
+
+    @property
+    def unread_tokens(self) -> int:
+        """Tokens delivered to this job's channel that its reader has not taken yet."""
+        return self._queue.unread_tokens if self._queue is not None else 0
 
     @property
     def cancelled(self) -> bool:

@@ -86,6 +86,7 @@ class PagedLoop:
         )
         self._kv = KVCacheManager(blocks, self.block_size, prefix_caching=self.prefix_caching)
         self._sched = Scheduler(self._kv, self.max_batch_size, self.step_tokens)
+        self._sched.holds = self._reader_behind
         self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
         self._graphs = None
         one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
@@ -224,6 +225,14 @@ class PagedLoop:
             launched = self._launch_step()
         if launched is not None:
             self._collect_step(launched)
+        elif self._sched.running and not self._sched.waiting:  # every running row waits for its reader
+            with self._cv:
+                self._cv.wait(0.005)  # until a new job arrives, or 5 ms (readers catch up meanwhile)
+
+    def _reader_behind(self, seq: Seq) -> bool:
+        """Back-pressure: a row whose client has not read MAX_UNREAD_TOKENS of its job's tokens skips decode
+        steps (keeping its blocks) until the client catches up; the rest of the batch goes on."""
+        return seq.payload.job.unread_tokens > self.max_unread_tokens
 
     def _launch_step(self, ahead: bool = False) -> Launched | None:
         """Schedule a step and queue its forward (on CUDA it runs while Python goes on). None: nothing ran.

@@ -62,6 +62,7 @@ class Scheduler:
         self.waiting: deque[Seq] = deque()
         self.running: list[Seq] = []
         self.preemptions = 0
+        self.holds: Callable[[Seq], bool] | None = None  # back-pressure: a decoding sequence to skip this step
 
     def add(self, seq: Seq) -> None:
         self.waiting.append(seq)
@@ -81,7 +82,7 @@ class Scheduler:
     def schedule(self) -> StepPlan:
         plan = StepPlan()
         budget = self.token_budget
-        decoding = [s for s in self.running if s.remaining == 1]
+        decoding = [s for s in self.running if s.remaining == 1 and not (self.holds and self.holds(s))]
         prefilling = [s for s in self.running if s.remaining > 1]
         for seq in decoding + prefilling:
             if budget == 0:

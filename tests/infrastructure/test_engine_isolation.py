@@ -95,3 +95,24 @@ async def test_a_stalled_reader_holds_one_event_per_row(engine):
     assert isinstance(token, RowToken) and isinstance(end, RowFinished)
     assert token.text == token.delta and end.text.startswith(token.text.rstrip()[:20])
     assert end.completion_tokens == 20
+
+
+async def test_a_reader_far_behind_pauses_its_row_not_the_batch(engine):
+    """Back-pressure: a job whose client reads nothing stops decoding once MAX_UNREAD_TOKENS of its tokens wait
+    (it keeps its blocks), the other rows go on to the end, and once read it resumes to exactly the text it
+    would have had alone."""
+    ids = chat_ids(engine.tokenizer, "Tell me a long story about a lighthouse.")
+    [alone] = await run(engine, [job(ids, n=24)])
+    limit, engine.max_unread_tokens = engine.max_unread_tokens, 4
+    try:
+        stalled = job(ids, n=24)
+        stream = engine.submit(stalled)
+        [other] = await run(engine, [job(chat_ids(engine.tokenizer, QUESTION), n=16)])
+        assert isinstance(other[-1], RowFinished) and other[-1].completion_tokens == 16
+        await asyncio.sleep(0.5)  # the paused row stays paused while nobody reads
+        assert 4 < stalled.unread_tokens <= 6  # the limit, plus at most a step in flight and one run ahead
+        assert not any(isinstance(e, RowFinished) for e in stalled._queue._items)
+        events = [event async for event in stream]
+    finally:
+        engine.max_unread_tokens = limit
+    assert events[-1].text == alone[-1].text and events[-1].completion_tokens == 24

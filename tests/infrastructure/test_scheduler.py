@@ -94,3 +94,24 @@ def test_admission_reuses_published_prefix_blocks_and_counts_the_hit_rate():
     assert (second, 2) in plan.items and second.computed == 8  # only the last two prompt tokens are fed
     assert kv.table(2)[:2] == kv.table(1)[:2]
     assert kv.stats.hit_tokens == 8 and kv.stats.queried_tokens == 16
+
+
+def test_a_held_decoding_row_skips_steps_and_keeps_its_blocks():
+    """Back-pressure: `holds` (the engine's "its reader is too far behind") skips a decoding row; the others
+    decode, the held row's blocks stay allocated, and it decodes again once released."""
+    kv = KVCacheManager(1000, 16)
+    sched = Scheduler(kv, max_rows=8, token_budget=64)
+    a, b = seq(1, 10), seq(2, 10)
+    sched.add(a)
+    sched.add(b)
+    run(sched, sched.schedule())
+    held = {id(a)}
+    sched.holds = lambda s: id(s) in held
+    blocks = list(kv.table(a.seq_id))
+    for _ in range(3):
+        plan = sched.schedule()
+        assert [s for s, _ in plan.items] == [b]
+        run(sched, plan)
+    assert kv.table(a.seq_id) == blocks and len(a.tokens) == 11 and len(b.tokens) == 14
+    held.clear()
+    assert [s for s, _ in sched.schedule().items] == [a, b]
