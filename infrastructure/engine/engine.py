@@ -41,7 +41,7 @@ from infrastructure.errors import (
     TokenLimitError,
 )
 from infrastructure.model_loader import LoadedModel
-from infrastructure.steering.hooks import BatchSteering
+from infrastructure.steering.hooks import BatchSteering, build_tables
 from infrastructure.steering.sites import site_module
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,16 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
     @property
     def _table_dtype(self) -> torch.dtype:
         return self.loaded.dtype if self.loaded.dtype.is_floating_point else torch.float32
+
+    def _tables_of(self, rows: list[Row]) -> dict:
+        """The rows' steering and captures as dense per-site tables (one row each), on each site's device."""
+        return build_tables(
+            [r.request.steering for r in rows],
+            [r.request.captures for r in rows],
+            self.loaded.hidden_size,
+            self._device_of,
+            self._table_dtype,
+        )
 
     def _device_of(self, site: int) -> torch.device:
         if site not in self._site_devices:

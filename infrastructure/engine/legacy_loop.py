@@ -14,7 +14,7 @@ from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.engine.rows import Row, left_pad_batch, record_captures, resident
 from infrastructure.engine.sampling import RowSampler, sample
-from infrastructure.steering.hooks import BatchSteering, build_tables
+from infrastructure.steering.hooks import BatchSteering
 
 
 class LegacyLoop:
@@ -135,11 +135,4 @@ class LegacyLoop:
         return torch.tensor(mask, dtype=torch.bool, device=self.loaded.device)
 
     def _steering_for(self, rows: list[Row]) -> BatchSteering:
-        tables = build_tables(
-            [r.request.steering for r in rows],
-            [r.request.captures for r in rows],
-            self.loaded.hidden_size,
-            self._device_of,
-            self._table_dtype,
-        )
-        return BatchSteering(tables=tables)
+        return BatchSteering(tables=self._tables_of(rows))

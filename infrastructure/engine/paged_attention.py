@@ -146,10 +146,16 @@ def _flash_in_place(step: StepLayout, q, k_pool, v_pool, device, scaling) -> tor
     """FlashAttention-2 varlen reading each row's keys/values through its block table (the pool viewed as
     [blocks, block_size, KV, d]): nothing is copied. Returns [1,T,H,d]."""
     bs = step.pool.block_size
+    keys, values = k_pool.view(-1, bs, *k_pool.shape[1:]), v_pool.view(-1, bs, *v_pool.shape[1:])
+    return _flash_varlen(step, q, keys, values, device, scaling, block_table=step.on("block_table", device))
+
+
+def _flash_varlen(step: StepLayout, q, keys, values, device, scaling, **extra) -> torch.Tensor:
+    """FA2 varlen, causal (bottom-right), over the step's rows (cumulative query/key lengths): [1,T,H,d]."""
     out = torch.ops.aten._flash_attention_forward(
         q[0].transpose(0, 1).contiguous(),
-        k_pool.view(-1, bs, *k_pool.shape[1:]),
-        v_pool.view(-1, bs, *v_pool.shape[1:]),
+        keys,
+        values,
         step.on("cu_q", device),
         step.on("cu_k", device),
         step.max_q,
@@ -158,7 +164,7 @@ def _flash_in_place(step: StepLayout, q, k_pool, v_pool, device, scaling) -> tor
         True,
         False,
         scale=scaling,
-        block_table=step.on("block_table", device),
+        **extra,
     )[0]
     return out.unsqueeze(0)
 
@@ -193,21 +199,7 @@ def paged_forward(module, query, key, value, attention_mask, scaling=None, dropo
         return _flash_split(step, q, k_pool, v_pool, device, scaling), None
     if step.flat_kv is not None:
         kv = step.on("flat_kv", device)
-        packed = q[0].transpose(0, 1).contiguous()  # [T,H,d]
-        out = torch.ops.aten._flash_attention_forward(
-            packed,
-            k_pool[kv],
-            v_pool[kv],
-            step.on("cu_q", device),
-            step.on("cu_k", device),
-            step.max_q,
-            step.max_k,
-            0.0,
-            True,
-            False,
-            scale=scaling,
-        )[0]
-        return out.unsqueeze(0), None
+        return _flash_varlen(step, q, k_pool[kv], v_pool[kv], device, scaling), None
     out = torch.empty_like(q.transpose(1, 2))  # [1,T,H,d]
     for i, span in enumerate(step.spans):
         if step.grouped and span.count == 1:

@@ -27,7 +27,6 @@ from infrastructure.engine.sampling import RowSampler, sample
 from infrastructure.engine.scheduler import Scheduler, Seq
 from infrastructure.engine.teacher_forced import run_prefill_only
 from infrastructure.errors import GenerationError, RequestTimeoutError, TokenLimitError
-from infrastructure.steering.hooks import build_tables
 
 log = logging.getLogger(__name__)
 
@@ -364,14 +363,7 @@ class PagedLoop:
         """Per-row steering tables of the step's rows (rebuilt only when the row set changes)."""
         key = tuple(r.seq.seq_id for r in rows)
         if self._tables_for is None or self._tables_for[0] != key:
-            tables = build_tables(
-                [r.request.steering for r in rows],
-                [r.request.captures for r in rows],
-                self.loaded.hidden_size,
-                self._device_of,
-                self._table_dtype,
-            )
-            self._tables_for = (key, tables)
+            self._tables_for = (key, self._tables_of(rows))
         return self._tables_for[1]
 
     def _publish(self, row: PagedRow) -> None:
