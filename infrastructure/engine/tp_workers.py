@@ -64,12 +64,16 @@ class Replica:
         self.loaded, self.runner, self.graphs = loaded, None, None
         self.tables: dict = {}
 
-    def build(self, blocks: int, block_size: int, dtype, kernel: str, max_rows: int, max_blocks: int, graphs: bool):
+    def build(self, blocks: int, block_size: int, dtype, kernel: str, max_rows: int, max_blocks: int, graphs):
+        """Rank 0's runner shape; `graphs`: None (eager steps) or rank 0's split_kv_heads (CUDA graphs)."""
         from infrastructure.engine.graphs import DecodeGraphs
         from infrastructure.engine.runner import ModelRunner
 
         self.runner = ModelRunner(self.loaded.model, blocks, block_size, dtype, kernel, max_rows, max_blocks)
-        self.graphs = DecodeGraphs(self.runner, max_rows, blocks * block_size) if graphs else None
+        self.graphs = None
+        if graphs is not None:
+            self.graphs = DecodeGraphs(self.runner, max_rows, blocks * block_size)
+            self.graphs.split_kv_heads = graphs
 
     def step(self, works: list, fresh: dict | None, key: tuple, forgotten: list[int]) -> None:
         from infrastructure.engine.runner import map_tensors
