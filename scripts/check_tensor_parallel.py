@@ -21,7 +21,7 @@ import asyncio
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -39,6 +39,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=None, help="truncate both archs to N decoder layers")
     p.add_argument("--check-tokens", type=int, default=128, help="greedy tokens per row of the comparison")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--collective-timeout", type=float, default=60.0, help="TENSOR_PARALLEL_TIMEOUT_S of the children")
     p.add_argument("--out", type=Path, default=ROOT / "test-artifacts" / "check_tensor_parallel")
     common_options(p)
     return p.parse_args(argv)
@@ -118,7 +119,8 @@ def child_run(spec: dict) -> dict:
     options = dict(max_batch_size=max(spec["clients"], 64), max_queue=256) | spec["engine_args"]
     options["cuda_graphs"] = spec["graphs"]
     if spec["tp"] > 1:
-        loaded, engine = start_tensor_parallel(source, spec["tp"], spec["device"], 120.0, **options)
+        timeout, comm = spec["collective_timeout"], spec["graph_comm"]
+        loaded, engine = start_tensor_parallel(source, spec["tp"], spec["device"], timeout, comm, **options)
     else:
         loaded = source.load(0, 1, None)
         engine = PersonaEngine(loaded, **options)
@@ -128,14 +130,35 @@ def child_run(spec: dict) -> dict:
         if not engine.wait_ready(300):
             raise RuntimeError(f"engine did not start: {engine.broken}")
         if spec["check"]:
-            rows, _ = check_rows(loaded, spec)
-            out["ids"] = [f.token_ids for f in asyncio.run(engine.collect(GenerationJob(rows)))]
+            rows, _ = check_rows(loaded, spec)  # with the top-2 logprobs, to tell a near tie from an error
+            rows = [replace(r, sampling=replace(r.sampling, n_logprobs=2)) for r in rows]
+            done = asyncio.run(engine.collect(GenerationJob(rows)))
+            out["ids"] = [f.token_ids for f in done]
+            out["margins"] = [[lp.top[0][1] - lp.top[1][1] for lp in f.logprobs] for f in done]
         if not spec["many"]:
             spec = spec | {"clients": 1}
         out |= throughput(engine, loaded, spec)
         out["graph_replays"] = engine.kv_stats().get("graph_replays", 0)
     finally:
         engine.stop(10)
+    return out
+
+
+# how a 2-GPU child runs its decode steps, tried in this order until one works: (label, CUDA graphs, own comm)
+STEPS = [("CUDA graphs, own NCCL comm", True, True), ("CUDA graphs", True, False), ("eager", False, False)]
+
+
+def divergences(reference: dict, run: dict, arch: str, tp: int) -> list[str]:
+    """Per diverging row: where, and the top-2 logprob gap of both runs there (a near tie, or not)."""
+    out = []
+    for row, (a, b) in enumerate(zip(reference["ids"], run["ids"])):
+        k = next((j for j, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if k is not None:
+            gap, gap_tp = reference["margins"][row][k], run["margins"][row][k]
+            out.append(
+                f"{arch} TP={tp}, row {row}: first different token {k}; top-2 logprob gap there {gap:.4f} (1 GPU), "
+                f"{gap_tp:.4f} (TP)"
+            )
     return out
 
 
@@ -153,20 +176,22 @@ def main(argv: list[str] | None = None) -> int:
     report.notes.append(f"`python {' '.join(sys.argv)}` (dtype {args.dtype}; random weights built per rank)")
     tokenizer = str(args.tokenizer.resolve()) if args.tokenizer else str(ensure_embedded(Settings().model_cache_dir))
     spec = base_spec(args) | {"tokenizer": tokenizer, "check_tokens": args.check_tokens, "dtype": args.dtype}
+    spec["collective_timeout"] = args.collective_timeout
     spec["layers"] = args.layers if args.layers is not None else (4 if args.tiny else None)
-    reference, ok = None, True
+    reference, ok, variants = None, True, STEPS if args.device == "cuda" else STEPS[-1:]
     plan = [(args.arch, 1, True, True), (args.arch, 2, True, True)]
     plan += [(args.big, 2, False, False)] if args.big else []
     try:
         for i, (arch, tp, check, many) in enumerate(plan):
             task = spec | {"task": "run", "arch": arch, "tp": tp, "check": check, "many": many}
-            r, error, steps = None, "not run", "graphs" if args.device == "cuda" else "eager"
-            for graphs in [True, False] if args.device == "cuda" else [False]:
+            r, error, steps = None, "not run", ""
+            for steps, graphs, comm in variants[:1] if tp == 1 else variants:
                 left = min(args.timeout, deadline - time.monotonic())
-                log = args.out / "logs" / f"{arch}-tp{tp}-{'graphs' if graphs else 'eager'}.log"
-                r, error = run_child(__spec__.name, task | {"graphs": graphs}, log, left)
-                steps = "CUDA graphs" if graphs else "eager"
-                if r is not None or tp == 1:
+                log = args.out / "logs" / f"{arch}-tp{tp}-{'graphs' if graphs else 'eager'}{'-own' if comm else ''}.log"
+                r, error = run_child(__spec__.name, task | {"graphs": graphs, "graph_comm": comm}, log, left)
+                if r is not None:
+                    if tp > 1:  # the bigger shape runs the way that worked
+                        variants = [v for v in variants if v[0] == steps]
                     break
             if r is None:
                 ok = False
@@ -176,8 +201,11 @@ def main(argv: list[str] | None = None) -> int:
             many = r["many"]["tokens_per_s"] if many else None
             same = "—"
             if check:
-                same = "reference" if reference is None else compare(r["ids"], reference)
-                reference = reference or r["ids"]
+                same = "reference" if reference is None else compare(r["ids"], reference["ids"])
+                if reference is None:
+                    reference = r
+                else:
+                    report.notes += divergences(reference, r, arch, tp)
             cells = [arch, tp, steps, f"{one or 0:,.1f}", "—" if many is None else f"{many:,.1f}", same]
             note = f"{r['graph_replays']} graph replays; peak {r['mem_peak'].get('peak_allocated', 0) / 1e9:.1f} GB"
             report.add((i,), [*cells, f"{r['build_s']:.0f}", note], {"arch": arch, "tp": tp, "steps": steps} | r)

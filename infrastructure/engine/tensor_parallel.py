@@ -114,10 +114,11 @@ class TensorParallelEngine(PersonaEngine):
 
 
 def start_tensor_parallel(
-    source: ShardSource, world: int, device: str, timeout_s: float, **options
+    source: ShardSource, world: int, device: str, timeout_s: float, graph_comm: bool = False, **options
 ) -> tuple[LoadedModel, TensorParallelEngine]:
-    """Start the workers, load every rank's shard and build rank 0's engine (not started yet)."""
-    group = TensorParallelGroup(source, world, device, timeout_s)
+    """Start the workers, load every rank's shard and build rank 0's engine (not started yet). `graph_comm`:
+    all-reduces captured in CUDA graphs get their own NCCL communicator (see RowParallelLinear)."""
+    group = TensorParallelGroup(source, world, device, timeout_s, graph_comm)
     try:
         loaded = group.start()
         return loaded, TensorParallelEngine(loaded, group, **options)

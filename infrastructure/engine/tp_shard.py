@@ -76,19 +76,29 @@ def shard_plan(config, rank: int, world: int) -> ShardPlan:
 
 
 class RowParallelLinear(nn.Module):
-    """A linear layer holding a slice of the input columns: local matmul, sum over the ranks, then the bias."""
+    """A linear layer holding a slice of the input columns: local matmul, sum over the ranks, then the bias.
+    `graph_group`, when set, is the communicator of all-reduces captured into CUDA graphs (eager steps keep
+    `group`), for NCCL builds that cannot mix captured and eager collectives on one communicator."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.group = group
+        self.group, self.graph_group = group, None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.linear(x, self.weight)
-        dist.all_reduce(out, group=self.group)
+        captured = self.graph_group is not None and x.is_cuda and torch.cuda.is_current_stream_capturing()
+        dist.all_reduce(out, group=self.graph_group if captured else self.group)
         return out if self.bias is None else out + self.bias
+
+
+def use_graph_group(model: nn.Module, group) -> None:
+    """Route the all-reduces captured into CUDA graphs through `group` (see RowParallelLinear)."""
+    for module in model.modules():
+        if isinstance(module, RowParallelLinear):
+            module.graph_group = group
 
 
 class NoLogits(nn.Module):

@@ -46,7 +46,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init(rank: int, world: int, init: str, device: str, timeout_s: float) -> None:
+def _init(rank: int, world: int, init: str, device: str, timeout_s: float, graph_comm: bool):
+    """Join the process group; returns the communicator for captured all-reduces (None: the default one)."""
     if device == "cuda":
         torch.cuda.set_device(rank)
     elif rank:  # workers share the cores (rank 0, the server, keeps its own setting)
@@ -55,6 +56,19 @@ def _init(rank: int, world: int, init: str, device: str, timeout_s: float) -> No
     dist.init_process_group(
         backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
     )
+    if not (graph_comm and device == "cuda"):
+        return None
+    group = dist.new_group(backend=backend)
+    dist.all_reduce(torch.zeros(1, device="cuda"), group=group)  # its communicator exists before any capture
+    return group
+
+
+def _abort_collectives() -> None:
+    """Abort the NCCL communicators, so a rank blocked on a dead peer's collective gets an error, not a hang."""
+    with suppress(Exception):
+        from torch.distributed.distributed_c10d import _abort_process_group
+
+        _abort_process_group()
 
 
 class Replica:
@@ -105,12 +119,15 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
 
 
-def worker_main(source: ShardSource, rank: int, world: int, init: str, device: str, timeout_s: float, conn, parent):
+def worker_main(source: ShardSource, rank: int, world: int, init: str, options: dict, conn, parent) -> None:
     """A worker process: join the group, load the shard, then serve rank 0's messages until `stop`."""
+    from infrastructure.engine.tp_shard import use_graph_group
+
     _exit_with_parent(parent)
     try:
-        _init(rank, world, init, device, timeout_s)
+        graph_group = _init(rank, world, init, **options)
         loaded = source.load(rank, world, dist.group.WORLD)
+        use_graph_group(loaded.model, graph_group)
         conn.send(("ready", None))
         Replica(loaded).serve(conn)
     except BaseException as exc:  # reported to rank 0, whose watchdog sees the exit
@@ -125,12 +142,13 @@ def worker_main(source: ShardSource, rank: int, world: int, init: str, device: s
 class TensorParallelGroup:
     """Rank 0's side: the worker processes, their pipes, the process group and the watchdog."""
 
-    def __init__(self, source: ShardSource, world: int, device: str, timeout_s: float) -> None:
+    def __init__(self, source: ShardSource, world: int, device: str, timeout_s: float, graph_comm: bool = False):
         if device == "cuda" and world > torch.cuda.device_count():
             raise ModelLoadError(
                 f"TENSOR_PARALLEL_SIZE={world} but only {torch.cuda.device_count()} GPU(s) are visible"
             )
         self.source, self.world, self.device, self.timeout_s = source, world, device, timeout_s
+        self.options = dict(device=device, timeout_s=timeout_s, graph_comm=graph_comm)
         self.procs: list = []
         self.conns: list = []
         self.on_failure: Callable[[str], None] | None = None
@@ -144,11 +162,13 @@ class TensorParallelGroup:
 
     def start(self):
         """Spawn the workers, join the group as rank 0, load rank 0's shard, wait for every worker's."""
+        from infrastructure.engine.tp_shard import use_graph_group
+
         ctx = mp.get_context("spawn")
         init = f"tcp://127.0.0.1:{_free_port()}"
         for rank in range(1, self.world):
             ours, theirs = ctx.Pipe()
-            args = (self.source, rank, self.world, init, self.device, self.timeout_s, theirs, os.getpid())
+            args = (self.source, rank, self.world, init, self.options, theirs, os.getpid())
             proc = ctx.Process(target=worker_main, args=args, name=f"persona-tp-rank{rank}", daemon=True)
             proc.start()
             theirs.close()
@@ -156,8 +176,9 @@ class TensorParallelGroup:
             self.conns.append(ours)
         self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
         self._watchdog.start()
-        _init(0, self.world, init, self.device, self.timeout_s)
+        graph_group = _init(0, self.world, init, **self.options)
         loaded = self.source.load(0, self.world, dist.group.WORLD)
+        use_graph_group(loaded.model, graph_group)
         for rank, conn in enumerate(self.conns, start=1):
             if not conn.poll(self.timeout_s):
                 raise ModelLoadError(f"tensor-parallel rank {rank} did not load within {self.timeout_s:.0f} s")
@@ -190,6 +211,8 @@ class TensorParallelGroup:
         log.error("%s; the engine stops", self.failure)
         if self.on_failure is not None:
             self.on_failure(self.failure)
+        if self.device == "cuda":
+            _abort_collectives()
         self._end_workers(5.0)
 
     def _end_workers(self, grace: float) -> None:
@@ -214,6 +237,8 @@ class TensorParallelGroup:
         for conn in self.conns:
             with suppress(Exception):
                 conn.close()
-        if collectives_idle and dist.is_initialized():
+        if not collectives_idle and self.device == "cuda" and dist.is_initialized():
+            _abort_collectives()  # rank 0's step is stuck in a collective: end it
+        elif dist.is_initialized():
             with suppress(Exception):
                 dist.destroy_process_group()
