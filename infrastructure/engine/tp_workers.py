@@ -50,6 +50,9 @@ def _init(rank: int, world: int, init: str, device: str, timeout_s: float, graph
     """Join the process group; returns the communicator for captured all-reduces (None: the default one)."""
     if device == "cuda":
         torch.cuda.set_device(rank)
+        # PyTorch's NCCL flight recorder notes every collective (two per layer per eager step): a debugging aid
+        # whose per-call cost is paid on the launch path; TORCH_NCCL_TRACE_BUFFER_SIZE set by the operator wins
+        os.environ.setdefault("TORCH_NCCL_TRACE_BUFFER_SIZE", "0")
     elif rank:  # workers share the cores (rank 0, the server, keeps its own setting)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     backend = "nccl" if device == "cuda" else "gloo"

@@ -108,6 +108,16 @@ async def test_one_request_through_http_equals_one_process(tp_runtime, client):
     assert tp.json() == one.json()
 
 
+def test_vector_extraction_is_refused_not_hung(tp_runtime, loaded_model):
+    """Teacher-forced forwards run on rank 0 alone: under tensor parallelism they are refused at submit."""
+    from infrastructure.engine.teacher_forced import ForcedSequence, TeacherForcedJob
+    from infrastructure.errors import InvalidRequestError
+
+    ids = tuple(loaded_model.tokenizer("Hello there, friend")["input_ids"])
+    with pytest.raises(InvalidRequestError, match="TENSOR_PARALLEL_SIZE=1"):
+        tp_runtime.engine.submit(TeacherForcedJob([ForcedSequence(ids, 1, len(ids))]))
+
+
 async def test_dead_worker_makes_health_503_and_the_server_stops_without_orphans(tp_runtime):
     """Runs last in this module: it ends the module's tensor-parallel runtime."""
     group = tp_runtime.engine.tp
