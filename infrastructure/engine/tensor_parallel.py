@@ -74,6 +74,8 @@ class TensorParallelEngine(PersonaEngine):
 
     def _build_runner(self, blocks: int, max_blocks: int) -> None:
         super()._build_runner(blocks, max_blocks)
+        if self._graphs is not None:
+            self._graphs.capture_error_mode = "thread_local"
         shape = dict(blocks=blocks, block_size=self.block_size, dtype=self._kv_dtype, kernel=self.attention_kernel)
         shape |= dict(max_rows=self.max_batch_size, max_blocks=max_blocks)
         shape["graphs"] = None if self._graphs is None else self._graphs.split_kv_heads

@@ -90,7 +90,7 @@ class Replica:
         self.graphs = None
         if graphs is not None:
             self.graphs = DecodeGraphs(self.runner, max_rows, blocks * block_size)
-            self.graphs.split_kv_heads = graphs
+            self.graphs.split_kv_heads, self.graphs.capture_error_mode = graphs, "thread_local"
 
     def step(self, works: list, fresh: dict | None, key: tuple, forgotten: list[int]) -> None:
         from infrastructure.engine.runner import map_tensors

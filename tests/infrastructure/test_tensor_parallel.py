@@ -55,6 +55,14 @@ def test_fewer_key_value_heads_than_ranks_replicates_them():
         shard_plan(_Config(6, 2), 0, 4)
 
 
+def test_tensor_parallelism_and_the_layer_split_are_exclusive():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="cannot both be above 1"):
+        Settings(_env_file=None, tensor_parallel_size=2, layer_split_size=2)
+    assert Settings(_env_file=None, layer_split_size=2).tensor_parallel_size == 1
+
+
 @pytest.fixture(scope="module")
 def tp_runtime():
     settings = Settings(
