@@ -58,7 +58,7 @@ class TensorParallelEngine(PersonaEngine):
         if self.decode_mode != "paged":
             raise ModelLoadError("TENSOR_PARALLEL_SIZE > 1 runs the paged engine: set DECODE_MODE=paged (or auto)")
         self.tp = group
-        self.tensor_parallel_size = group.world
+        self.tensor_parallel_size = self.stats["tensor_parallel_size"] = group.world  # shown by /status
         self._sent_key: tuple | None = None
         self._freed_slots: list[int] = []
         group.on_failure = self._rank_failed
@@ -111,7 +111,9 @@ class TensorParallelEngine(PersonaEngine):
             self._cv.notify_all()
 
     def stop(self, timeout: float = 30.0) -> None:
-        super().stop(timeout)
+        """Stop the engine like one process does, then the workers (asked, then terminated, then killed)."""
+        if self._thread.ident is not None:  # started
+            super().stop(timeout)
         self.tp.close(collectives_idle=not self._thread.is_alive())
 
 

@@ -183,9 +183,12 @@ class TensorParallelGroup:
         loaded = self.source.load(0, self.world, dist.group.WORLD)
         use_graph_group(loaded.model, graph_group)
         for rank, conn in enumerate(self.conns, start=1):
-            if not conn.poll(self.timeout_s):
+            try:
+                kind, detail = conn.recv() if conn.poll(self.timeout_s) else ("late", "")
+            except (EOFError, OSError):  # it exited; the watchdog may have read its error first
+                kind, detail = "error", self.failure or f"rank {rank} exited during start-up"
+            if kind == "late":
                 raise ModelLoadError(f"tensor-parallel rank {rank} did not load within {self.timeout_s:.0f} s")
-            kind, detail = conn.recv()
             if kind != "ready":
                 raise ModelLoadError(f"tensor-parallel {detail}")
         return loaded
@@ -200,8 +203,8 @@ class TensorParallelGroup:
     def _watch(self) -> None:
         """Wait for any worker to exit; outside `close`, that is a failure of the whole group."""
         by_sentinel = {p.sentinel: (rank, p) for rank, p in enumerate(self.procs, start=1)}
-        done = wait(list(by_sentinel))
-        if self.closing:
+        done = wait(list(by_sentinel)) if by_sentinel else []
+        if self.closing or not done:
             return
         rank, proc = by_sentinel[done[0]]
         detail = ""

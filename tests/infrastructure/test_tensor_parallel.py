@@ -111,6 +111,8 @@ def test_greedy_tokens_and_captures_equal_one_process(tp_runtime, engine, loaded
 async def test_one_request_through_http_equals_one_process(tp_runtime, client):
     async with client_for(create_app(tp_runtime.settings, runtime=tp_runtime)) as tp_client:
         tp = await tp_client.post("/api/v1/generate/baseline", json=GREEDY_PROBE)
+        status = (await tp_client.get("/status")).json()
+    assert status["engine"]["tensor_parallel_size"] == 2 and status["status"] == "ok"
     one = await client.post("/api/v1/generate/baseline", json=GREEDY_PROBE)
     assert tp.status_code == one.status_code == 200, tp.text
     assert tp.json() == one.json()
