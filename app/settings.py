@@ -181,6 +181,8 @@ class Settings(BaseSettings):
     def _one_split(self) -> Settings:
         if self.tensor_parallel_size > 1 and self.layer_split_size > 1:
             raise ValueError("TENSOR_PARALLEL_SIZE and LAYER_SPLIT_SIZE cannot both be above 1")
+        if self.tensor_parallel_size > 1 and self.workers > 1:
+            raise ValueError("TENSOR_PARALLEL_SIZE > 1 needs WORKERS=1 (each worker would start its own ranks)")
         return self
 
     @field_validator("rate_limit")

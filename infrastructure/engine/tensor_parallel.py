@@ -114,7 +114,7 @@ class TensorParallelEngine(PersonaEngine):
         """Stop the engine like one process does, then the workers (asked, then terminated, then killed)."""
         if self._thread.ident is not None:  # started
             super().stop(timeout)
-        self.tp.close(collectives_idle=not self._thread.is_alive())
+        self.tp.close(2.0 if self.broken else 10.0, collectives_idle=not self._thread.is_alive())
 
 
 def start_tensor_parallel(

@@ -46,7 +46,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _init(rank: int, world: int, init: str, device: str, timeout_s: float, graph_comm: bool):
+START_TIMEOUT_S = 300.0  # joining (a worker imports torch first) and loading a shard: not a collective's wait
+
+
+def _init(rank: int, world: int, port: int, device: str, timeout_s: float, graph_comm: bool):
     """Join the process group; returns the communicator for captured all-reduces (None: the default one)."""
     if device == "cuda":
         torch.cuda.set_device(rank)
@@ -56,9 +59,9 @@ def _init(rank: int, world: int, init: str, device: str, timeout_s: float, graph
     elif rank:  # workers share the cores (rank 0, the server, keeps its own setting)
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     backend = "nccl" if device == "cuda" else "gloo"
-    dist.init_process_group(
-        backend, init_method=init, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
-    )
+    patience = timedelta(seconds=max(timeout_s, START_TIMEOUT_S))
+    store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=patience)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     if not (graph_comm and device == "cuda"):
         return None
     group = dist.new_group(backend=backend)
@@ -122,13 +125,13 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, name="tp-parent-watch", daemon=True).start()
 
 
-def worker_main(source: ShardSource, rank: int, world: int, init: str, options: dict, conn, parent) -> None:
+def worker_main(source: ShardSource, rank: int, world: int, port: int, options: dict, conn, parent) -> None:
     """A worker process: join the group, load the shard, then serve rank 0's messages until `stop`."""
     from infrastructure.engine.tp_shard import use_graph_group
 
     _exit_with_parent(parent)
     try:
-        graph_group = _init(rank, world, init, **options)
+        graph_group = _init(rank, world, port, **options)
         loaded = source.load(rank, world, dist.group.WORLD)
         use_graph_group(loaded.model, graph_group)
         conn.send(("ready", None))
@@ -168,10 +171,10 @@ class TensorParallelGroup:
         from infrastructure.engine.tp_shard import use_graph_group
 
         ctx = mp.get_context("spawn")
-        init = f"tcp://127.0.0.1:{_free_port()}"
+        port = _free_port()
         for rank in range(1, self.world):
             ours, theirs = ctx.Pipe()
-            args = (self.source, rank, self.world, init, self.options, theirs, os.getpid())
+            args = (self.source, rank, self.world, port, self.options, theirs, os.getpid())
             proc = ctx.Process(target=worker_main, args=args, name=f"persona-tp-rank{rank}", daemon=True)
             proc.start()
             theirs.close()
@@ -179,16 +182,16 @@ class TensorParallelGroup:
             self.conns.append(ours)
         self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
         self._watchdog.start()
-        graph_group = _init(0, self.world, init, **self.options)
+        graph_group = _init(0, self.world, port, **self.options)
         loaded = self.source.load(0, self.world, dist.group.WORLD)
         use_graph_group(loaded.model, graph_group)
         for rank, conn in enumerate(self.conns, start=1):
             try:
-                kind, detail = conn.recv() if conn.poll(self.timeout_s) else ("late", "")
+                kind, detail = conn.recv() if conn.poll(START_TIMEOUT_S) else ("late", "")
             except (EOFError, OSError):  # it exited; the watchdog may have read its error first
                 kind, detail = "error", self.failure or f"rank {rank} exited during start-up"
             if kind == "late":
-                raise ModelLoadError(f"tensor-parallel rank {rank} did not load within {self.timeout_s:.0f} s")
+                raise ModelLoadError(f"tensor-parallel rank {rank} did not load within {START_TIMEOUT_S:.0f} s")
             if kind != "ready":
                 raise ModelLoadError(f"tensor-parallel {detail}")
         return loaded
@@ -228,7 +231,7 @@ class TensorParallelGroup:
         for proc in self.procs:
             if proc.is_alive():
                 proc.terminate()
-                proc.join(2.0)
+                proc.join(1.0)
             if proc.is_alive():
                 proc.kill()
                 proc.join(2.0)

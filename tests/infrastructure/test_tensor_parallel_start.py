@@ -1,9 +1,12 @@
-"""Tensor-parallel start-up failures: a worker that cannot load its shard fails the start with its own error,
-and no process is left (gloo, no model)."""
+"""Tensor-parallel failures other than a dead worker (test_tensor_parallel.py): a worker that cannot load its
+shard fails the start with its own error; a worker that hangs fails the engine after TENSOR_PARALLEL_TIMEOUT_S
+(/health 503) instead of hanging it; no process is left either way (gloo on the CPU)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -37,4 +40,35 @@ def test_a_worker_that_cannot_load_fails_the_start_and_leaves_no_process():
     for pid in group.pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+    assert not dist.is_initialized()
+
+
+def test_a_hung_worker_fails_the_engine_after_the_collective_timeout():
+    from app.runtime import Runtime
+    from app.settings import Settings
+    from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
+    from infrastructure.errors import GenerationError
+
+    settings = Settings(
+        _env_file=None,
+        tensor_parallel_size=2,
+        device="cpu",
+        model_dtype="float32",
+        max_batch_size=2,
+        kv_cache_tokens=256,
+        tensor_parallel_timeout_s=3,
+    )
+    runtime = Runtime(settings)
+    runtime.load()
+    try:
+        assert runtime.state == "ok", runtime.load_error
+        group = runtime.engine.tp
+        os.kill(group.pids[0], signal.SIGSTOP)  # alive, never answering
+        row = RowRequest(tuple(runtime.loaded.tokenizer("Hello")["input_ids"]), SamplingParams(max_new_tokens=4))
+        with pytest.raises(GenerationError):
+            asyncio.run(runtime.engine.collect(GenerationJob([row])))
+        assert runtime.state == "error" and "tensor-parallel step failed" in runtime.engine.broken
+    finally:
+        runtime.shutdown(5)
+    assert not any(p.is_alive() for p in group.procs)
     assert not dist.is_initialized()
