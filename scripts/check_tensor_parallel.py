@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                     if tp > 1:  # the bigger shape runs the way that worked
                         variants = [v for v in variants if v[0] == steps]
                     break
+                report.notes.append(f"{arch} on {tp} GPU(s), {steps}: FAILED: {error} (log: {log.name})")
             if r is None:
                 ok = False
                 report.add((i,), [arch, tp, steps, "—", "—", "—", "—", f"FAILED: {error}"], {"error": error})
