@@ -22,6 +22,23 @@ from infrastructure.storage.traits import TraitStore, load_traits
 log = logging.getLogger(__name__)
 
 
+def engine_options(s: Settings) -> dict:
+    """PersonaEngine's keywords from the settings."""
+    return dict(
+        max_batch_size=s.max_batch_size,
+        max_queue=s.max_queue,
+        max_model_len=s.max_model_len,
+        decode=s.decode_mode,
+        static_len=s.static_cache_len,
+        block_size=s.kv_block_size,
+        kv_cache_tokens=s.kv_cache_tokens,
+        step_tokens=s.max_num_batched_tokens,
+        prefix_caching=s.enable_prefix_caching,
+        gpu_memory_utilization=s.gpu_memory_utilization,
+        max_unread_tokens=s.max_unread_tokens,
+    )
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -76,26 +93,23 @@ class Runtime:
     def load(self) -> None:
         """Load the configured model and start a warmed engine (blocking; run it in a thread)."""
         try:
-            loaded = load_model(self.settings)
-            engine = PersonaEngine(
-                loaded,
-                max_batch_size=self.settings.max_batch_size,
-                max_queue=self.settings.max_queue,
-                max_model_len=self.settings.max_model_len,
-                decode=self.settings.decode_mode,
-                static_len=self.settings.static_cache_len,
-                block_size=self.settings.kv_block_size,
-                kv_cache_tokens=self.settings.kv_cache_tokens,
-                step_tokens=self.settings.max_num_batched_tokens,
-                prefix_caching=self.settings.enable_prefix_caching,
-                gpu_memory_utilization=self.settings.gpu_memory_utilization,
-                max_unread_tokens=self.settings.max_unread_tokens,
-            )
+            if self.settings.tensor_parallel_size > 1:  # rank 0 of N processes, each a shard of every layer
+                from infrastructure.engine.tensor_parallel import launch_tensor_parallel
+
+                loaded, engine = launch_tensor_parallel(self.settings, **engine_options(self.settings))
+                self.engine = engine  # stopped by shutdown even if it never becomes ready (its workers with it)
+            else:
+                loaded = load_model(self.settings)
+                engine = PersonaEngine(loaded, **engine_options(self.settings))
             engine.start()
             if not engine.wait_ready():
                 raise RuntimeError(engine.broken or "engine did not start")
             self.attach(loaded, engine)
         except Exception as exc:  # reported by /health and /status
+            if (
+                self.engine is not None and not self.engine.ready
+            ):  # a tensor-parallel start that failed: end its workers
+                self.engine.stop(5)
             self.load_error = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
             log.exception("model load failed")
 

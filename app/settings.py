@@ -31,7 +31,24 @@ class Settings(BaseSettings):
     model_cache_dir: Path = Path("./data/models")
     quantization: Literal["none", "bnb-8bit", "bnb-4bit"] = "none"
     gpu_memory_utilization: float = Field(default=0.95, gt=0.0, le=1.0)
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    tensor_parallel_size: int = Field(
+        default=1,
+        ge=1,
+        description="GPUs (or CPU processes with DEVICE=cpu) that each hold a shard of every layer: one process "
+        "per GPU, started by the server, all-reducing over NCCL (gloo on the CPU); needs DECODE_MODE=paged.",
+    )
+    layer_split_size: int = Field(
+        default=1,
+        ge=1,
+        description="GPUs the layers are spread over in one process (accelerate's device_map='balanced'): one GPU "
+        "works at a time, so it adds memory, not speed. For models whose shards do not suit tensor parallelism.",
+    )
+    tensor_parallel_timeout_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="Seconds a tensor-parallel rank may wait for the others (start-up, every collective) before "
+        "the engine is declared failed (/health 503).",
+    )
     token_limit: int = Field(default=65536, ge=1, description="Max prompt tokens per request.")
     max_model_len: int = Field(default=65536, ge=2, description="Max prompt + completion tokens.")
 
@@ -158,6 +175,14 @@ class Settings(BaseSettings):
         """SECRET and API_KEY name one secret: a blank SECRET must not disable a configured API_KEY."""
         if self.secret is None and self.api_key is not None:
             self.secret = self.api_key
+        return self
+
+    @model_validator(mode="after")
+    def _one_split(self) -> Settings:
+        if self.tensor_parallel_size > 1 and self.layer_split_size > 1:
+            raise ValueError("TENSOR_PARALLEL_SIZE and LAYER_SPLIT_SIZE cannot both be above 1")
+        if self.tensor_parallel_size > 1 and self.workers > 1:
+            raise ValueError("TENSOR_PARALLEL_SIZE > 1 needs WORKERS=1 (each worker would start its own ranks)")
         return self
 
     @field_validator("rate_limit")

@@ -42,7 +42,10 @@ class LoadConfig(Protocol):
     def gpu_memory_utilization(self) -> float: ...
 
     @property
-    def tensor_parallel_size(self) -> int: ...
+    def tensor_parallel_size(self) -> int: ...  # > 1: one process per GPU, each a shard of every layer
+
+    @property
+    def layer_split_size(self) -> int: ...  # > 1: the layers spread over that many GPUs (accelerate)
 
     def logical_model_id(self, loaded_id: str) -> str: ...  # the id users see and persona data is filed under
 
@@ -112,17 +115,15 @@ def _locate(settings: LoadConfig) -> tuple[str, str, dict]:
 
 
 def _placement(settings: LoadConfig, device: str) -> dict:
-    """device_map / max_memory for the chosen device; TENSOR_PARALLEL_SIZE GPUs share the layers."""
+    """device_map / max_memory for the chosen device; LAYER_SPLIT_SIZE GPUs share the layers (one works at a
+    time: a memory split, not a speed-up; TENSOR_PARALLEL_SIZE shards every layer instead, `tensor_parallel.py`)."""
     if device == "cpu":
         return {"device_map": {"": "cpu"}}
-    visible = torch.cuda.device_count()
-    if settings.tensor_parallel_size > visible:
-        raise ModelLoadError(
-            f"TENSOR_PARALLEL_SIZE={settings.tensor_parallel_size} but only {visible} GPU(s) are visible"
-        )
+    visible, split = torch.cuda.device_count(), settings.layer_split_size
+    if split > visible:
+        raise ModelLoadError(f"LAYER_SPLIT_SIZE={split} but only {visible} GPU(s) are visible")
     budget = {
-        i: int(torch.cuda.get_device_properties(i).total_memory * settings.gpu_memory_utilization)
-        for i in range(settings.tensor_parallel_size)
+        i: int(torch.cuda.get_device_properties(i).total_memory * settings.gpu_memory_utilization) for i in range(split)
     }
     # several GPUs: spread the layers evenly (each GPU then holds about 1/N of the model and its KV cache)
     return {"device_map": "balanced" if len(budget) > 1 else "auto", "max_memory": budget}
@@ -160,8 +161,9 @@ def _quantization(settings: LoadConfig, kwargs: dict, dtype: torch.dtype) -> tup
     return "none", {}
 
 
-def load_model(settings: LoadConfig) -> LoadedModel:
-    """Load weights and tokenizer as configured; every failure is a ModelLoadError with a remedy."""
+def load_model(settings: LoadConfig, placement: dict | None = None) -> LoadedModel:
+    """Load weights and tokenizer as configured; every failure is a ModelLoadError with a remedy. `placement`
+    (from_pretrained's device_map) overrides the settings' (a tensor-parallel rank loads onto one device)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
@@ -175,7 +177,9 @@ def load_model(settings: LoadConfig) -> LoadedModel:
     try:
         quantization, qkwargs = _quantization(settings, kwargs, dtype)
         tokenizer = AutoTokenizer.from_pretrained(**kwargs)
-        model = AutoModelForCausalLM.from_pretrained(**kwargs, dtype=dtype, **_placement(settings, device), **qkwargs)
+        model = AutoModelForCausalLM.from_pretrained(
+            **kwargs, dtype=dtype, **(placement or _placement(settings, device)), **qkwargs
+        )
     except OSError as exc:
         hint = f"; fetch it first: pipenv run python -m scripts.download_models {weights_id}"
         raise ModelLoadError(f"cannot load {weights_id}: {exc}{hint if source == 'cache' else ''}") from exc

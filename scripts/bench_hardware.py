@@ -100,7 +100,7 @@ def load_through_loader(spec: dict):
 
     fields = dict(model_name=spec["dir"], model_id=None, override_model_id=None)
     fields["model_dtype"] = spec.get("dtype", "auto")
-    fields |= dict(device=spec["device"], quantization=spec["quantization"], tensor_parallel_size=spec.get("tp", 1))
+    fields |= dict(device=spec["device"], quantization=spec["quantization"], layer_split_size=spec.get("tp", 1))
     fields["gpu_memory_utilization"] = spec.get("util") or Settings.model_fields["gpu_memory_utilization"].default
     return load_model(Settings(log_format="text", log_level="WARNING", **fields))
 

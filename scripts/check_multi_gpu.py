@@ -4,7 +4,7 @@
     pipenv run python -m scripts.check_multi_gpu --tiny --device cpu --new-tokens 16 --clients 8 --out /tmp/mgpu
 
 The arch (default qwen2.5-7b) is built once with random weights (seed 0) and saved; child processes load it
-through the server's loader with TENSOR_PARALLEL_SIZE=1, then 2 (device_map="auto" over that many GPUs; on a
+through the server's loader with LAYER_SPLIT_SIZE=1, then 2 (device_map="auto" over that many GPUs; on a
 CPU: 1 twice, to exercise the comparison). Each runs one greedy job of 9 rows: 8 prompts steered by distinct
 vectors at a layer on the first GPU, the middle layer and a late layer (on the second GPU when split), one row
 at all three, and prompt 0 unsteered; it records where the engine built each steering table against the device
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             report.add((0,), ["build", "—", "—", "—", "—", "—", "—", f"FAILED: {error}"], {"error": error})
             return 1
         report.device = built["device_name"]
-        runs = [(f"TENSOR_PARALLEL_SIZE={tp}", tp) for tp in (1, 2)] if gpu else [("run A", 1), ("run B", 1)]
+        runs = [(f"LAYER_SPLIT_SIZE={tp}", tp) for tp in (1, 2)] if gpu else [("run A", 1), ("run B", 1)]
         for i, (label, tp) in enumerate(runs):
             r, error = child(f"tp{tp}-{i}", task="run", tp=tp)
             if r and tp > 1 and len(set(r["layers"])) < 2:  # accelerate kept every layer on one GPU: force a split

@@ -78,6 +78,12 @@ class DecodeGraphs:
         self._seen: Counter = Counter()
         self._pool = torch.cuda.graph_pool_handle()
         self.sms = torch.cuda.get_device_properties(device).multi_processor_count
+        # key/value heads the split decision counts: under tensor parallelism every rank uses rank 0's, so all
+        # ranks capture and replay the same steps (their collectives must line up), uneven shards included
+        self.split_kv_heads = runner.pool.kv_heads
+        # tensor parallelism: "thread_local", so the NCCL watchdog thread's event queries during a capture are
+        # not refused (CUDA forbids them from any thread while a "global" capture runs)
+        self.capture_error_mode = "global"
         self.captures = 0
         self.replays = 0
 
@@ -93,7 +99,7 @@ class DecodeGraphs:
             return None
         sig = signature(row_tables)
         longest = max(w.position + 1 for w in works)
-        split = self.runner.kernel == "flash" and worth_splitting(b, longest, self.runner.pool.kv_heads, self.sms)
+        split = self.runner.kernel == "flash" and worth_splitting(b, longest, self.split_kv_heads, self.sms)
         key = (b, length, sig, split)
         self._seen[key] += 1
         if key not in self._graphs and self._seen[key] < self.min_seen:
@@ -179,7 +185,7 @@ class DecodeGraphs:
         torch.cuda.current_stream(device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         state.set_mask(mask)
-        with torch.cuda.graph(graph, pool=self._pool):
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_error_mode):
             logits = self._forward(b, length, state, split)
         self.captures += 1
         log.info("captured paged decode graph: %d rows, %d key/value slots", b, length)

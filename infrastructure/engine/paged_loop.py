@@ -80,17 +80,11 @@ class PagedLoop:
         self.attention_kernel = self._kernel()
         self.context_len = min(self.context_len, blocks * self.block_size)
         max_blocks = -(-self.context_len // self.block_size) + 1
-        self._runner = ModelRunner(
-            self.model, blocks, self.block_size, self._kv_dtype, self.attention_kernel, self.max_batch_size, max_blocks
-        )
+        self._build_runner(blocks, max_blocks)
         self._kv = KVCacheManager(blocks, self.block_size, prefix_caching=self.prefix_caching)
         self._sched = Scheduler(self._kv, self.max_batch_size, self.step_tokens)
         self._sched.holds = self._reader_behind
         self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
-        self._graphs = None
-        one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
-        if self.cuda_graphs and one_gpu and self.loaded.quantization == "none":
-            self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
         self._live: list[PagedRow] = []
         self._ahead: Launched | None = None  # the next step, launched before this one's tokens were streamed
         self.ahead_launches = 0
@@ -102,6 +96,23 @@ class PagedLoop:
         self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
         while self._sched.has_work:
             self._step()
+
+    def _build_runner(self, blocks: int, max_blocks: int) -> None:
+        """The model runner over `blocks` KV blocks, and CUDA graphs for its decode steps where they apply (one
+        unquantised GPU). A tensor-parallel engine builds the same on every rank (`tensor_parallel.py`)."""
+        self._runner = ModelRunner(
+            self.model, blocks, self.block_size, self._kv_dtype, self.attention_kernel, self.max_batch_size, max_blocks
+        )
+        self._graphs = None
+        one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
+        if self.cuda_graphs and one_gpu and self.loaded.quantization == "none":
+            self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
+
+    def _forward_step(self, works: list[Work], tables: dict):
+        """One step's forward: a replayed CUDA graph when the step suits one, else the runner's eager forward.
+        Returns (logits of the rows that sample, captures)."""
+        replayed = self._graphs.run(works, tables, self._tables_for[0]) if self._graphs else None
+        return replayed or self._runner.execute(works, tables)
 
     # ---- rows in and out ----
 
@@ -263,8 +274,7 @@ class PagedLoop:
             if len(prefill) < len(items):
                 self.observers.before_forward("decode")
             tables = self._row_tables(rows)
-            replayed = self._graphs.run(works, tables, self._tables_for[0]) if self._graphs else None
-            logits, captured = replayed or self._runner.execute(works, tables)
+            logits, captured = self._forward_step(works, tables)
         except Exception as exc:
             if ahead:
                 raise

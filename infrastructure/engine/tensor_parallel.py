@@ -1,0 +1,138 @@
+"""TENSOR_PARALLEL_SIZE=N: the paged engine on rank 0 of N processes, each holding a shard of every layer.
+
+Rank 0 is the server: HTTP, the queue, the scheduler, the KV-cache bookkeeping, sampling. It runs the
+paged loop unchanged except at two seams: building the model runner (every worker builds the same over
+its shard) and running a step's forward (the step's works, the steering tables when the row set changed,
+and the block-table slots freed since the last step go to every worker first; then all ranks run the same
+forward, meeting in the all-reduces). After each all-reduce the residual stream is the full tensor on every
+rank, so steering tables add, cap and capture identically everywhere; rank 0 reads the captures and the
+logits (the LM head is on rank 0 alone: replicating it on rank 0 keeps sampling exact and needs no gather,
+and the workers skip it). A failure of the distributed step (a rank died, a collective timed out) makes the
+engine broken (/health 503) and stops it; request-level failures before the step (validation, fault
+injection, a row's non-finite logits) still fail only their request.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from infrastructure.engine.engine import PersonaEngine
+from infrastructure.engine.runner import Work, map_tensors
+from infrastructure.engine.teacher_forced import TeacherForcedJob
+from infrastructure.engine.tp_shard import shard_model, shard_plan
+from infrastructure.engine.tp_workers import ShardSource, TensorParallelGroup
+from infrastructure.errors import InvalidRequestError, ModelLoadError
+from infrastructure.model_loader import LoadedModel, load_model, resolve_device
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LoaderSource:
+    """A rank's shard of the configured checkpoint: loaded by the server's loader into host memory, cut to the
+    rank's slices, then moved to the rank's device (the full checkpoint is read by every rank once)."""
+
+    settings: Any  # LoadConfig (the app's Settings)
+
+    def load(self, rank: int, world: int, group) -> LoadedModel:
+        if self.settings.quantization != "none":
+            raise ModelLoadError("QUANTIZATION needs TENSOR_PARALLEL_SIZE=1 (bitsandbytes weights are not sharded)")
+        device = resolve_device(self.settings.device)
+        loaded = load_model(self.settings, placement={"device_map": {"": "cpu"}})
+        if loaded.quantization != "none":
+            raise ModelLoadError(f"a {loaded.quantization} checkpoint cannot be sharded: use TENSOR_PARALLEL_SIZE=1")
+        shard_model(loaded.model, shard_plan(loaded.model.config, rank, world), group)
+        target = torch.device(f"cuda:{rank}" if device == "cuda" else "cpu")
+        loaded.model.to(target)
+        loaded.device, loaded.devices = target, [str(target)]
+        return loaded
+
+
+class TensorParallelEngine(PersonaEngine):
+    def __init__(self, loaded: LoadedModel, group: TensorParallelGroup, **options) -> None:
+        super().__init__(loaded, **options)
+        if self.decode_mode != "paged":
+            raise ModelLoadError("TENSOR_PARALLEL_SIZE > 1 runs the paged engine: set DECODE_MODE=paged (or auto)")
+        self.tp = group
+        self.tensor_parallel_size = self.stats["tensor_parallel_size"] = group.world  # shown by /status
+        self._sent_key: tuple | None = None
+        self._freed_slots: list[int] = []
+        group.on_failure = self._rank_failed
+
+    def submit(self, job):
+        if isinstance(job, TeacherForcedJob):
+            raise InvalidRequestError(
+                "vector extraction runs its forward on one process: serve with TENSOR_PARALLEL_SIZE=1 to extract"
+            )
+        return super().submit(job)
+
+    # ---- the seams of the paged loop ----
+
+    def _build_runner(self, blocks: int, max_blocks: int) -> None:
+        super()._build_runner(blocks, max_blocks)
+        if self._graphs is not None:
+            self._graphs.capture_error_mode = "thread_local"
+        shape = dict(blocks=blocks, block_size=self.block_size, dtype=self._kv_dtype, kernel=self.attention_kernel)
+        shape |= dict(max_rows=self.max_batch_size, max_blocks=max_blocks)
+        shape["graphs"] = None if self._graphs is None else self._graphs.split_kv_heads
+        self.tp.send(("build", shape))
+
+    def _release(self, row) -> None:
+        if row.slot is not None:  # the workers' runners forget it before the next step too
+            self._freed_slots.append(row.slot)
+        super()._release(row)
+
+    def _forward_step(self, works: list[Work], tables: dict):
+        key = self._tables_for[0]
+        fresh = None
+        if key != self._sent_key:  # the row set changed: its tables travel once (on the CPU)
+            fresh = {site: map_tensors(table, lambda t: t.cpu()) for site, table in tables.items()}
+        freed, self._freed_slots = self._freed_slots, []
+        try:
+            self.tp.send(("step", (works, fresh, key, freed)))
+            self._sent_key = key
+            return super()._forward_step(works, tables)
+        except Exception as exc:  # the ranks may be out of step now: the engine cannot go on
+            self._rank_failed(f"tensor-parallel step failed: {type(exc).__name__}: {exc}")
+            raise
+
+    # ---- failure and stop ----
+
+    def _rank_failed(self, reason: str) -> None:
+        """A rank died or a distributed step failed: unhealthy at once, the loop stops and fails every job."""
+        if self.broken is None:
+            self.broken = self.tp.failure or reason
+        self._abort = True
+        with self._cv:
+            self._cv.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the engine like one process does, then the workers (asked, then terminated, then killed)."""
+        if self._thread.ident is not None:  # started
+            super().stop(timeout)
+        self.tp.close(2.0 if self.broken else 10.0, collectives_idle=not self._thread.is_alive())
+
+
+def start_tensor_parallel(
+    source: ShardSource, world: int, device: str, timeout_s: float, graph_comm: bool = False, **options
+) -> tuple[LoadedModel, TensorParallelEngine]:
+    """Start the workers, load every rank's shard and build rank 0's engine (not started yet). `graph_comm`:
+    all-reduces captured in CUDA graphs get their own NCCL communicator (see RowParallelLinear)."""
+    group = TensorParallelGroup(source, world, device, timeout_s, graph_comm)
+    try:
+        loaded = group.start()
+        return loaded, TensorParallelEngine(loaded, group, **options)
+    except BaseException:
+        group.close(5.0)
+        raise
+
+
+def launch_tensor_parallel(settings, **options) -> tuple[LoadedModel, TensorParallelEngine]:
+    """The server's TENSOR_PARALLEL_SIZE > 1 path: every rank loads the configured checkpoint's shard."""
+    device = resolve_device(settings.device)
+    world, timeout = settings.tensor_parallel_size, settings.tensor_parallel_timeout_s
+    return start_tensor_parallel(LoaderSource(settings), world, device, timeout, **options)
