@@ -15,7 +15,8 @@ the checkpoint dequantised into a plain model: the GPU kernels' correctness):
      blocks.40.hook_resid_post on the 70B) goes to /v1/steer/completion-chat and to /runsync;
   4. one steered stream, then --clients concurrent ones with distinct vectors (scripts.bench_hardware's
      workloads: decode tokens/s over the extra tokens), and GPU memory at the end of the concurrent run.
-Every number lands in OUT/bench_quantized.json as soon as it exists (a cut-off run keeps what it had).
+Each row runs in its own process (the GPU is clean for the next; --deadline-s cuts one that runs long), which
+writes OUT/row-ARCH-FORMAT.json as soon as each number exists; OUT/bench_quantized.json gathers the rows.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
 import sys
 import time
 import traceback
@@ -53,6 +55,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed-tokens", type=int, default=64, help="n_completion_tokens of seed 000's request")
     p.add_argument("--strength", type=float, default=8.0)
     p.add_argument("--budget-s", type=float, default=1e9, help="start no row after this many seconds")
+    p.add_argument("--deadline-s", type=float, default=1e9, help="stop a row's process at this many seconds")
+    p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # the child process of one row
     p.add_argument("--no-graphs", action="store_true", help="paged engine without CUDA graphs")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the embedded model's)")
     return p.parse_args(argv)
@@ -158,7 +162,7 @@ def measure_row(arch: str, fmt: str, args: argparse.Namespace, tokenizer, report
     from scripts.bench_hardware import gpu_memory, start_engine, throughput
 
     row = report["rows"].setdefault(f"{arch}:{fmt}", {})
-    save = lambda: (args.out / "bench_quantized.json").write_text(json.dumps(report, indent=2, default=str))  # noqa: E731
+    save = lambda: args.report_file.write_text(json.dumps(report, indent=2, default=str))  # noqa: E731
     folder = args.work / f"{arch}-{fmt}"
     shutil.rmtree(folder, ignore_errors=True)
     row["build"] = build_checkpoint(arch, fmt, folder, args.device, tokenizer)
@@ -184,6 +188,7 @@ def measure_row(arch: str, fmt: str, args: argparse.Namespace, tokenizer, report
     started = time.perf_counter()
     engine = start_engine(loaded, spec)
     row["engine_start_s"] = time.perf_counter() - started
+    save()
     try:
         runtime = Runtime(settings, owns_engine=False)
         runtime.attach(loaded, engine)
@@ -199,39 +204,55 @@ def measure_row(arch: str, fmt: str, args: argparse.Namespace, tokenizer, report
         row["cuda_graphs"] = {"captures": graphs.captures, "replays": graphs.replays} if graphs else None
     finally:
         engine.stop()
-        del loaded, engine
-        torch.cuda.empty_cache() if torch.cuda.is_available() else None
         shutil.rmtree(folder, ignore_errors=True)
     save()
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_row(item: str, args: argparse.Namespace) -> int:
+    """Child process: one row, its numbers in OUT/row-ARCH-FORMAT.json (the GPU is clean when it exits)."""
     from transformers import AutoTokenizer
 
     from app.settings import Settings
     from infrastructure.embedded import ensure_embedded
 
-    args = parse(argv)
-    started = time.perf_counter()
-    args.out.mkdir(parents=True, exist_ok=True)
-    args.work.mkdir(parents=True, exist_ok=True)
+    arch, fmt = item.split(":")
     source = args.tokenizer or ensure_embedded(Settings(_env_file=None).model_cache_dir)
     tokenizer = AutoTokenizer.from_pretrained(source)
+    report: dict = {"rows": {}}
+    try:
+        measure_row(arch, fmt, args, tokenizer, report)
+    except Exception as exc:  # the row's failure is a finding: recorded, and the next row still runs
+        report["rows"].setdefault(item, {})["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+        traceback.print_exc()
+    args.report_file.write_text(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work.mkdir(parents=True, exist_ok=True)
+    if args.row:
+        args.report_file = args.out / f"row-{args.row.replace(':', '-')}.json"
+        return run_row(args.row, args)
+    started = time.perf_counter()
     device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu"
     report = {"command": " ".join(sys.argv), "device": device, "torch": torch.__version__, "rows": {}}
     for item in args.rows.split(","):
-        arch, fmt = item.split(":")
-        if time.perf_counter() - started > args.budget_s:
+        elapsed = time.perf_counter() - started
+        if elapsed > args.budget_s:
             report["rows"][item] = {"skipped": f"budget of {args.budget_s:.0f} s spent"}
             continue
-        row_started = time.perf_counter()
+        row_file = args.out / f"row-{item.replace(':', '-')}.json"
         try:
-            measure_row(arch, fmt, args, tokenizer, report)
-        except Exception as exc:  # one row's failure is a finding; the next row still runs
-            report["rows"].setdefault(item, {})["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            traceback.print_exc()
-        report["rows"][item]["row_s"] = time.perf_counter() - row_started
-        print(f"[bench_quantized] {item}: {json.dumps(report['rows'][item], default=str)[:1500]}", flush=True)
+            timeout = max(args.deadline_s - elapsed, 1)
+            subprocess.run([sys.executable, "-m", "scripts.bench_quantized", *argv, "--row", item], timeout=timeout)
+        except subprocess.TimeoutExpired:
+            print(f"[bench_quantized] {item}: cut at the {args.deadline_s:.0f} s deadline", flush=True)
+        row = json.loads(row_file.read_text())["rows"].get(item, {}) if row_file.is_file() else {}
+        report["rows"][item] = row | {"row_s": time.perf_counter() - started - elapsed}
+        print(f"[bench_quantized] {item}: {json.dumps(report['rows'][item], default=str)[:2500]}", flush=True)
         (args.out / "bench_quantized.json").write_text(json.dumps(report, indent=2, default=str))
     return 0
 
