@@ -51,7 +51,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # Python 3.11 from Ubuntu 22.04's archive (unpinned on purpose: take the archive's security fixes),
 # in a virtualenv so pip never touches the system Python. AWQ / GPTQ checkpoints (issue 15) run
 # gptqmodel's Triton kernels: Triton compiles a small C launcher on first use, so the image keeps a C
-# compiler and Python's headers; libpcre2-dev builds pypcre (a gptqmodel dependency PyPI has no wheel of).
+# compiler and Python's headers, which also build pypcre (a gptqmodel dependency PyPI ships as source only;
+# it links the system libpcre2-8, whose development files libpcre2-dev adds).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
