@@ -14,6 +14,7 @@ from torch import nn
 from infrastructure.embedded import EMBEDDED_MODEL_ID, ensure_embedded
 from infrastructure.errors import ModelLoadError
 from infrastructure.prequantised import PREQUANTISED, prequantised_dtype, prequantised_kwargs
+from infrastructure.quant_tiles import register_awq_tiles
 
 log = logging.getLogger(__name__)
 
@@ -192,6 +193,8 @@ def load_model(settings: LoadConfig) -> LoadedModel:
         raise ModelLoadError(f"cannot load {weights_id}: {exc}. {QUANTISED_HINT}") from exc
     model.eval()
     model.requires_grad_(False)
+    if quantization == "awq":  # this GPU's measured Triton tile plans, before the engine warms its kernels
+        register_awq_tiles(model, model.get_input_embeddings().weight.device)
     devices = sorted({str(p.device) for p in model.parameters()})
     loaded = LoadedModel(
         model=model,

@@ -179,6 +179,11 @@ def measure_row(arch: str, fmt: str, args: argparse.Namespace, tokenizer, report
     tensors = [*loaded.model.parameters(), *loaded.model.buffers()]  # 4-bit modules keep their weights in buffers
     row["model_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
     row["kernel"] = type(loaded.model.model.layers[0].mlp.down_proj).__name__
+    if fmt == "awq" and args.device == "cuda":  # the tile plans infrastructure.quant_tiles registered at load
+        from infrastructure.quant_tiles import awq_shapes, load_table, plans_for, shape_key
+
+        name, table = torch.cuda.get_device_name(0), load_table()
+        row["awq_tiles"] = {shape_key(n, k): plans_for(table, name, n, k) for n, k, _ in awq_shapes(loaded.model)}
     row["mem_load"] = gpu_memory(loaded)
     if arch == "tiny-llama" and fmt in ("awq", "gptq"):
         row["max_logit_error"] = logit_error(loaded, folder)
