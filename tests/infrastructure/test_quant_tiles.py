@@ -76,7 +76,7 @@ def test_registered_rules_are_what_the_library_launches():
 def test_shipped_table_holds_only_plans_the_library_accepts():
     scheduler = pytest.importorskip("gptqmodel.quantization.awq.modules.triton.scheduler")
     for device in load_table().get("devices", {}).values():
-        for key, plans in [*device["shapes"].items(), ("default", device["default"])]:
+        for key, plans in [*device["shapes"].items(), ("default", device.get("default", {}))]:
             n, k = (int(v) for v in key.split("x")) if key != "default" else (8192, 8192)
             for rows, plan in plans.items():
                 fields = {f: v for f, v in plan.items() if f != "path"}

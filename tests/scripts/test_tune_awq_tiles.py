@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 
 from infrastructure.quant_tiles import plans_for
-from scripts.tune_awq_tiles import grid, layer_shapes, main
+from scripts.tune_awq_tiles import grid, layer_shapes, main, table_from
 
 
 def test_layer_shapes_of_the_70b():
@@ -38,4 +38,17 @@ def test_fake_sweep_writes_a_table_quant_tiles_reads(tmp_path):
     assert (entry["N"], entry["K"]) == (18944, 3584)
     assert entry["1"]["us"] <= entry["1"]["baseline_us"]  # the library's default is a candidate too
     assert plans_for(table, "fake", 18944, 3584) == {"1": entry["1"]["plan"], "64": entry["64"]["plan"]}
-    assert set(plans_for(table, "fake", 1, 1)) == {"1", "64"}  # the default for unswept shapes
+
+
+def test_default_plan_only_with_a_majority():
+    a, b = {"path": "fused", "split_k_iters": 4}, {"path": "fused", "split_k_iters": 8}
+    shapes = {
+        f"s{i}": {"N": 64 * (i + 1), "K": 128, "1": {"plan": p}, "64": {"plan": a}} for i, p in enumerate((a, a, b))
+    }
+    table = {"devices": {"G": table_from({"command": "x", "shapes": {"arch": shapes}})}}
+    assert plans_for(table, "G", 1, 1) == {"1": a, "64": a}  # shapes not swept: the plans most shapes chose
+    shapes["s2"]["1"]["plan"] = {"path": "fused", "split_k_iters": 16}
+    shapes["s3"] = {"N": 4096, "K": 128, "1": {"plan": b}, "64": {"plan": a}}
+    table = {"devices": {"G": table_from({"command": "x", "shapes": {"arch": shapes}})}}
+    assert plans_for(table, "G", 1, 1) is None  # no majority: the library's own policy
+    assert plans_for(table, "G", 4096, 128) == {"1": b, "64": a}
