@@ -10,10 +10,12 @@ decides which are legal) are timed as CUDA graphs of the library's own `awq_gemm
 allocation and fp32 -> fp16 cast included, as in a decode step), cycling through enough weight copies that
 they stream from HBM rather than L2. The first shapes of each row count get the whole grid; the others the
 best plans found so far plus the library's default plan, so the sweep fits a short budget. Kernels compile
-in parallel worker processes first (Triton's disk cache then serves the timing process). Each shape also
-gets the library default's time, fp16 cuBLAS on the same shape (what bf16/fp16 weights cost), and the chosen
-plan's largest difference from the default plan's output. --fake replaces the GPU with a cost model: a CPU
-check of the flow and of the files written.
+in parallel worker processes first, within --compile-timeout-s (Triton's disk cache then serves the timing
+process); --budget-s bounds the timing after that. Each shape also gets the library default's time, fp16
+cuBLAS on the same shape (what bf16/fp16 weights cost), and the chosen plan's largest difference from the
+default plan's output. The report and the table are written after every shape (a cut run keeps what it
+measured); last, the chosen plans are compiled at the other M specialisations the engine's decode buckets hit.
+--fake replaces the GPU with a cost model: a CPU check of the flow and of the files written.
 """
 
 from __future__ import annotations
