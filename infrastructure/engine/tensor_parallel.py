@@ -135,4 +135,7 @@ def launch_tensor_parallel(settings, **options) -> tuple[LoadedModel, TensorPara
     """The server's TENSOR_PARALLEL_SIZE > 1 path: every rank loads the configured checkpoint's shard."""
     device = resolve_device(settings.device)
     world, timeout = settings.tensor_parallel_size, settings.tensor_parallel_timeout_s
+    # Decode steps run eagerly under TP: capturing the all-reducing step as CUDA graphs hung on 2 x H200 in two
+    # runs (both NCCL communicator variants; scripts/check_tensor_parallel), so the server does not try it.
+    options["cuda_graphs"] = False
     return start_tensor_parallel(LoaderSource(settings), world, device, timeout, **options)
