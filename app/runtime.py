@@ -90,6 +90,8 @@ class Runtime:
                 prefix_caching=self.settings.enable_prefix_caching,
                 gpu_memory_utilization=self.settings.gpu_memory_utilization,
                 max_unread_tokens=self.settings.max_unread_tokens,
+                compile=self.settings.compile,
+                compile_cache_dir=str(self.settings.model_cache_dir / "torch_compile"),
             )
             engine.start()
             if not engine.wait_ready():

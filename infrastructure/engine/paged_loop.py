@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infrastructure.engine.compiled_step import prepare, resolve_compile, warm_up
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.graphs import DecodeGraphs
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest, SamplingParams
@@ -89,6 +90,8 @@ class PagedLoop:
         self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
         self._graphs = None
         one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
+        self.compile_mode = resolve_compile(self.compile, self.loaded.device, one_gpu, self.loaded.quantization)
+        self._runner.steer_fn = prepare(self.model, self.compile_mode, self.compile_cache_dir)
         if self.cuda_graphs and one_gpu and self.loaded.quantization == "none":
             self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
         self._live: list[PagedRow] = []
@@ -99,9 +102,14 @@ class PagedLoop:
         ids = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)
         if self.loaded.device.type == "cuda":  # a full step first: kernels chosen, activation memory reserved
             ids = (ids * (self.step_tokens // len(ids) + 1))[: min(self.step_tokens, self.context_len - 4)]
+        started = time.perf_counter()
         self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
         while self._sched.has_work:
             self._step()
+        self.warmup_seconds = time.perf_counter() - started
+        if self._graphs is not None and self.compile_mode == "on":  # compile + capture every rows bucket now
+            steer, hidden = self._runner.steer_fn, self.loaded.hidden_size
+            self.warmup_seconds += warm_up(self._graphs, self.max_batch_size, steer, hidden, self._kv_dtype)
 
     # ---- rows in and out ----
 

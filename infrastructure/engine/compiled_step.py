@@ -1,0 +1,101 @@
+"""COMPILE: the paged engine's fused, compiled decode step, prepared and warmed up at start-up.
+
+- `off`: the model runs transformers' own layers (eager kernels, captured as CUDA graphs on a GPU);
+- `merge`: merged q/k/v and gate/up projections and the fused layer forward (`fusion.py`), eager;
+- `on`: the same with the layer functions and the steering function `torch.compile`d (Inductor), so the
+  decode step's CUDA graphs hold fused norm / rotary / activation / steering kernels;
+- `auto`: `on` where decode steps are CUDA graphs (one unquantised CUDA GPU), `off` elsewhere (the CPU
+  stays eager: compiling costs more than it saves for CI-sized runs).
+
+Steering tables are tensor inputs of the compiled steering function, and in a CUDA graph they live in
+fixed buffers refilled by copy: a new vector never recompiles anything; only a new steering *layout*
+(add / number of caps / orthogonal decompositions at a site) compiles one more small graph, and
+`warm_up` compiles the common ones at start-up. Compiled code is cached on disk (Inductor's FX graph and
+Triton caches under `cache_dir`), so a restart skips code generation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import torch
+
+from infrastructure.engine.fusion import fuse_model, raise_recompile_limit
+from infrastructure.steering.hooks import apply_table
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "on", "merge", "off")
+BACKEND = "inductor"  # torch.compile's backend (tests count compiles with a backend of their own)
+_STEERING: dict[str, object] = {}
+
+
+def resolve_compile(setting: str, device: torch.device, one_gpu: bool, quantization: str) -> str:
+    """auto -> on for one unquantised CUDA GPU, off otherwise; explicit values are kept."""
+    if setting not in MODES:
+        raise ValueError(f"COMPILE must be one of {', '.join(MODES)}, not {setting!r}")
+    if setting != "auto":
+        return setting
+    return "on" if device.type == "cuda" and one_gpu and quantization == "none" else "off"
+
+
+def compiled_steering(backend=BACKEND):
+    """`apply_table` compiled once per process (tables are inputs: new vectors reuse the graph)."""
+    if backend not in _STEERING:
+        raise_recompile_limit()
+        _STEERING[backend] = torch.compile(apply_table, backend=backend, fullgraph=True)
+    return _STEERING[backend]
+
+
+def use_cache_dir(cache_dir: str | os.PathLike | None) -> None:
+    """Point Inductor's on-disk caches (FX graphs, Triton kernels) at `cache_dir` unless the environment
+    already chose one (TORCHINDUCTOR_CACHE_DIR)."""
+    if cache_dir is None or os.environ.get("TORCHINDUCTOR_CACHE_DIR"):
+        return
+    os.makedirs(cache_dir, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir)
+
+
+def prepare(model: torch.nn.Module, mode: str, cache_dir=None, backend=None):
+    """Apply COMPILE's mode to the model (fusion is idempotent). Returns the steering function to use in
+    forwards (None: the plain eager one)."""
+    if mode == "off":
+        return None
+    backend = backend or BACKEND
+    if mode == "on":
+        use_cache_dir(cache_dir)
+    fused = fuse_model(model, compile=mode == "on", backend=backend)
+    log.info("COMPILE=%s: %d decoder layers fused (merged q/k/v and gate/up projections)", mode, fused)
+    return compiled_steering(backend) if mode == "on" else None
+
+
+def warm_steering(steer, hidden_size: int, device: torch.device, dtype: torch.dtype) -> None:
+    """Compile the steering function's common layouts (an add; one cap; one orthogonal decomposition), for
+    one token and for many, before the first request needs them."""
+    if steer is None:
+        return
+    for tokens in (1, 2, 3):
+        hidden = torch.randn(1, tokens, hidden_size, device=device, dtype=dtype)
+        mask = torch.ones(1, tokens, 1, device=device, dtype=dtype)
+        vec = torch.randn(1, tokens, hidden_size, device=device, dtype=dtype)
+        scalar = torch.zeros(1, tokens, 1, device=device, dtype=dtype)
+        steer(hidden, mask, vec, [], [])
+        steer(hidden, mask, None, [], [(vec, scalar)])
+        steer(hidden, mask, None, [(vec, scalar)], [])
+
+
+def warm_up(graphs, max_rows: int, steer, hidden_size: int, dtype: torch.dtype) -> float:
+    """Compile and capture the decode step for every rows bucket (unsteered layout, shortest key bucket)
+    with a progress bar; returns the seconds it took (also logged)."""
+    from tqdm import tqdm
+
+    started = time.perf_counter()
+    warm_steering(steer, hidden_size, graphs.runner.device, dtype)
+    buckets = [b for b in graphs.row_buckets if b <= max_rows]
+    for b in tqdm(buckets, desc="compile + capture decode buckets", unit="bucket", leave=False):
+        graphs.capture_padding(b)
+    seconds = time.perf_counter() - started
+    log.info("decode step compiled and captured for %d row buckets %s in %.1f s", len(buckets), buckets, seconds)
+    return seconds
