@@ -71,19 +71,27 @@ def prepare(model: torch.nn.Module, mode: str, cache_dir=None, backend=None):
     return compiled_steering(backend) if mode == "on" else None
 
 
-def warm_steering(steer, hidden_size: int, device: torch.device, dtype: torch.dtype) -> None:
-    """Compile the steering function's common layouts (an add; one cap; one orthogonal decomposition), for
-    one token and for many, before the first request needs them."""
+def warm_steering(steer, hidden_size: int, device: torch.device, dtype: torch.dtype, max_rows: int) -> None:
+    """Compile the steering function's common layouts (an add; one cap; one orthogonal decomposition) for one
+    token and for many, with the tables laid out as the engine lays them out (per-token copies in eager
+    steps, slices of the fixed [1, max_rows, ...] buffers in CUDA graphs), before a request needs them."""
     if steer is None:
         return
+
+    def eager_table(tokens: int, last: int) -> torch.Tensor:  # runner.per_token: index_select, transpose
+        return torch.randn(tokens, 1, last, device=device, dtype=dtype).transpose(0, 1)
+
+    def graph_table(tokens: int, last: int) -> torch.Tensor:  # graphs.DecodeGraphs: fixed buffer, sliced
+        return torch.randn(1, max_rows, last, device=device, dtype=dtype)[:, :tokens]
+
     for tokens in (1, 2, 3):
         hidden = torch.randn(1, tokens, hidden_size, device=device, dtype=dtype)
         mask = torch.ones(1, tokens, 1, device=device, dtype=dtype)
-        vec = torch.randn(1, tokens, hidden_size, device=device, dtype=dtype)
-        scalar = torch.zeros(1, tokens, 1, device=device, dtype=dtype)
-        steer(hidden, mask, vec, [], [])
-        steer(hidden, mask, None, [], [(vec, scalar)])
-        steer(hidden, mask, None, [(vec, scalar)], [])
+        for table in (eager_table, graph_table):
+            vec, scalar = table(tokens, hidden_size), table(tokens, 1)
+            steer(hidden, mask, vec, [], [])
+            steer(hidden, mask, None, [], [(vec, scalar)])
+            steer(hidden, mask, None, [(vec, scalar)], [])
 
 
 def warm_up(graphs, max_rows: int, steer, hidden_size: int, dtype: torch.dtype) -> float:
@@ -92,7 +100,7 @@ def warm_up(graphs, max_rows: int, steer, hidden_size: int, dtype: torch.dtype) 
     from tqdm import tqdm
 
     started = time.perf_counter()
-    warm_steering(steer, hidden_size, graphs.runner.device, dtype)
+    warm_steering(steer, hidden_size, graphs.runner.device, dtype, max_rows)
     buckets = [b for b in graphs.row_buckets if b <= max_rows]
     for b in tqdm(buckets, desc="compile + capture decode buckets", unit="bucket", leave=False):
         graphs.capture_padding(b)

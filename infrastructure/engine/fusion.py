@@ -56,9 +56,10 @@ def attention_inputs(hidden, norm_w, eps: float, qkv_w, qkv_b, cos, sin, sizes: 
     x = rms_norm(hidden, norm_w, eps)
     q, k, v = F.linear(x, qkv_w, qkv_b).split(sizes, dim=-1)
     shape = (*hidden.shape[:-1], -1, head_dim)
-    q, k, v = (t.reshape(shape).transpose(1, 2) for t in (q, k, v))
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin, v
+    q, k, v = (t.reshape(shape) for t in (q, k, v))  # [B,T,heads,d]: rotary in token-major memory, so the
+    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # paged kernels' [T,heads,d] views need no copy
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
 def attention_output_and_mlp(attn, residual, o_w, o_b, norm_w, eps: float, gate_up_w, gate_up_b, down_w, down_b):
