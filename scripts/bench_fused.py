@@ -42,7 +42,8 @@ from scripts.check_paged_kernels import Rows, timed
 def step_ms(loaded, lengths: list[int], device: str) -> tuple[float, torch.Tensor]:
     """GPU ms per replay of the decode-step graph (rows at `lengths` positions) and its logits."""
     rows = Rows(lengths, 16)
-    kernel = "flash" if device == "cuda" else "rows"
+    half = loaded.dtype in (torch.bfloat16, torch.float16)
+    kernel = "rows" if device != "cuda" else "flash" if half else "grouped"  # the engine's auto choice
     runner = ModelRunner(loaded.model, rows.blocks, 16, loaded.dtype, kernel, len(lengths), 1024)
     gen = torch.Generator().manual_seed(0)
     for i, n in enumerate(lengths):
