@@ -66,23 +66,24 @@ def prepare(model: torch.nn.Module, mode: str, cache_dir=None, backend=None):
     backend = backend or BACKEND
     if mode == "on":
         use_cache_dir(cache_dir)
+        raise_recompile_limit()  # dynamo's config is per thread: set it in the thread that will run the model
     fused = fuse_model(model, compile=mode == "on", backend=backend)
     log.info("COMPILE=%s: %d decoder layers fused (merged q/k/v and gate/up projections)", mode, fused)
     return compiled_steering(backend) if mode == "on" else None
 
 
 def warm_steering(steer, hidden_size: int, device: torch.device, dtype: torch.dtype, max_rows: int) -> None:
-    """Compile the steering function's common layouts (an add; one cap; one orthogonal decomposition) for one
-    token and for many, with the tables laid out as the engine lays them out (per-token copies in eager
-    steps, slices of the fixed [1, max_rows, ...] buffers in CUDA graphs), before a request needs them."""
+    """Compile the steering function's common layouts (an add; one cap; one orthogonal decomposition; one
+    capture) for one token and for many, with the tables laid out as the engine lays them out (per-token
+    copies in eager steps, slices of the fixed [1, max_rows, ...] buffers in CUDA graphs)."""
     if steer is None:
         return
 
-    def eager_table(tokens: int, last: int) -> torch.Tensor:  # runner.per_token: index_select, transpose
-        return torch.randn(tokens, 1, last, device=device, dtype=dtype).transpose(0, 1)
+    def eager_table(tokens: int, last: int, kind=dtype) -> torch.Tensor:  # runner.per_token: index_select, T
+        return torch.randn(tokens, 1, last, device=device, dtype=kind).transpose(0, 1)
 
-    def graph_table(tokens: int, last: int) -> torch.Tensor:  # graphs.DecodeGraphs: fixed buffer, sliced
-        return torch.randn(1, max_rows, last, device=device, dtype=dtype)[:, :tokens]
+    def graph_table(tokens: int, last: int, kind=dtype) -> torch.Tensor:  # DecodeGraphs: fixed buffer, sliced
+        return torch.randn(1, max_rows, last, device=device, dtype=kind)[:, :tokens]
 
     for tokens in (1, 2, 3):
         hidden = torch.randn(1, tokens, hidden_size, device=device, dtype=dtype)
@@ -92,6 +93,7 @@ def warm_steering(steer, hidden_size: int, device: torch.device, dtype: torch.dt
             steer(hidden, mask, vec, [], [])
             steer(hidden, mask, None, [], [(vec, scalar)])
             steer(hidden, mask, None, [(vec, scalar)], [])
+            steer(hidden, None, None, [], [], [table(tokens, hidden_size, torch.float32)])  # a capture alone
 
 
 def warm_up(graphs, max_rows: int, steer, hidden_size: int, dtype: torch.dtype) -> float:

@@ -177,7 +177,8 @@ def compiled_parts(backend="inductor") -> tuple:
 
 def raise_recompile_limit(limit: int = 64) -> None:
     """Each steering layout (add / caps / orthogonal decompositions at a site) is one graph of the
-    steering function: allow more than dynamo's default 8 before it falls back to eager."""
+    steering function: allow more than dynamo's default 8 before it falls back to eager. Dynamo's config is
+    thread-local: call it in the thread that runs the compiled functions."""
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
     setattr(config, name, max(getattr(config, name), limit))

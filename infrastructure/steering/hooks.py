@@ -117,9 +117,10 @@ def build_tables(
     return tables
 
 
-def apply_table(hidden: torch.Tensor, mask: torch.Tensor, add, orthos: list, caps: list) -> torch.Tensor:
-    """One site's steering on hidden [B,T,H] (mask [B,T,1]): adds, then orthogonal decompositions, then caps.
-    Pure tensors in and out, so `torch.compile` can fuse it (fusion.py) with the tables as inputs."""
+def apply_table(hidden: torch.Tensor, mask, add, orthos: list, caps: list, directions: list = ()) -> tuple:
+    """One site's steering on hidden [B,T,H] (mask [B,T,1]): adds, then orthogonal decompositions, then caps;
+    then the projections [B,T] of the result on each capture direction (float32). Pure tensors in and out,
+    so `torch.compile` can fuse it (compiled_step.py) with the tables as inputs."""
     if add is not None:
         hidden = hidden + add * mask
     for u, keep in orthos:
@@ -128,7 +129,7 @@ def apply_table(hidden: torch.Tensor, mask: torch.Tensor, add, orthos: list, cap
     for u, tau in caps:
         excess = ((hidden * u).sum(-1, keepdim=True) - tau).clamp_min(0)
         hidden = hidden - (excess * mask) * u
-    return hidden
+    return hidden, [(hidden.float() * direction).sum(-1) for direction in directions]
 
 
 def make_site_hook(site: int, table: SiteTable, state: BatchSteering) -> Callable:
@@ -136,11 +137,11 @@ def make_site_hook(site: int, table: SiteTable, state: BatchSteering) -> Callabl
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
         hidden = output[0] if isinstance(output, tuple) else output
-        if table.steers:
-            apply = state.apply or apply_table
-            hidden = apply(hidden, state.mask_for(hidden), table.add, table.orthos, table.caps)
-        for slot, direction in enumerate(table.captures):
-            state.captured[(site, slot)] = (hidden.float() * direction).sum(-1)
+        mask = state.mask_for(hidden) if table.steers else None  # captures alone need no position mask
+        apply = state.apply or apply_table
+        hidden, projections = apply(hidden, mask, table.add, table.orthos, table.caps, table.captures)
+        for slot, projection in enumerate(projections):
+            state.captured[(site, slot)] = projection
         if isinstance(output, tuple):
             return (hidden, *output[1:])
         return hidden

@@ -154,7 +154,7 @@ async def test_fused_engine_rows_equal_the_unfused_engine_for_every_steering_met
 
 async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: LoadedModel, monkeypatch):
     """COMPILE=on with a counting backend (dynamo's guards decide recompiles, whatever the backend): after
-    one request per steering layout, twelve new vectors and strengths compile nothing."""
+    one request per steering layout, new vectors, strengths and capture directions compile nothing."""
     compiles = []
 
     def counting(gm, example_inputs):
@@ -175,14 +175,15 @@ async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: Lo
 
         def batch(seed: int):
             return [(ids, 4, SteeringSpec((add_op(1, _unit(seed, 64), 2.0 + seed),)), ()),
-                    (ids, 4, SteeringSpec((cap_op(0, _unit(seed + 50, 64), 0.1 * seed),)), ())]  # fmt: skip
+                    (ids, 4, SteeringSpec((cap_op(0, _unit(seed + 50, 64), 0.1 * seed),)), ()),
+                    (ids, 4, None, (Capture("axis", 1, _unit(seed + 90, 64)),))]  # fmt: skip
 
         first = await _rows(engine, batch(0))
         warm = len(compiles)
         assert warm > 0 and engine.compile_mode == "on"
         for seed in range(1, 7):
             again = await _rows(engine, batch(seed))
-            assert len(again) == 2
+            assert len(again) == 3 and len(again[2].captures["axis"]) == len(ids) + 3
         assert len(compiles) == warm, f"{len(compiles) - warm} recompiles for new vectors"
         assert first[0].token_ids != again[0].token_ids or first[1].token_ids != again[1].token_ids
     finally:
