@@ -154,7 +154,7 @@ def compiles() -> int:
 
 
 def startup_only(args) -> dict:
-    loaded = load(args, Settings(_env_file=None, device=args.device))
+    loaded = load(args, Settings(_env_file=None, device=args.device, model_dtype=args.dtype or "auto"))
     before = compiles()
     engine, seconds = start(loaded, "on", args.rows, args.cache_dir)
     engine.stop()
@@ -167,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--tokenizer", type=Path, default=None)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--dtype", default=None, help="model dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--positions", type=int, default=256)
     p.add_argument("--new-tokens", type=int, default=256)
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     gpu = args.device == "cuda"
     out: dict = {"arch": args.arch, "layers": args.layers, "torch": torch.__version__}
     with torch.inference_mode():
-        loaded = load(args, Settings(_env_file=None, device=args.device))
+        loaded = load(args, Settings(_env_file=None, device=args.device, model_dtype=args.dtype or "auto"))
         out["weight_gb"] = weight_bytes(loaded.model) / 1e9
         bandwidth = copy_bandwidth(args.device)
         out["copy_tb_s"] = bandwidth / 1e12 if bandwidth else None
@@ -238,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd += [str(args.rows), "--cache-dir", args.cache_dir, "--device", args.device]
         cmd += ["--layers", str(args.layers)] if args.layers else []
         cmd += ["--tokenizer", str(args.tokenizer)] if args.tokenizer else []
-        cmd += ["--backend", args.backend]
+        cmd += ["--backend", args.backend] + (["--dtype", args.dtype] if args.dtype else [])
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         line = next((s for s in run.stdout.splitlines() if s.startswith("STARTUP ")), None)
         out["cached_restart"] = json.loads(line[8:]) if line else {"error": run.stderr[-2000:]}

@@ -103,7 +103,9 @@ def fusable(layer: nn.Module) -> bool:
         return False
     if not all(_plain(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")):
         return False
-    if getattr(mlp.config, "hidden_act", None) != "silu" or not _no_hooks(mlp.act_fn):
+    if getattr(getattr(mlp, "config", None), "hidden_act", None) != "silu" or not _no_hooks(mlp.act_fn):
+        return False
+    if mlp.gate_proj.out_features != mlp.up_proj.out_features:
         return False
     biases = {attn.q_proj.bias is None, attn.k_proj.bias is None, attn.v_proj.bias is None}
     mlp_biases = {mlp.gate_proj.bias is None, mlp.up_proj.bias is None}
@@ -153,6 +155,7 @@ def fused_layer_forward(
     interface = ALL_ATTENTION_FUNCTIONS.get_interface(attn.config._attn_implementation, f.eager_attention)
     if hasattr(attn, "sliding_window"):  # Qwen2 passes its layer's window (None for full attention)
         kwargs["sliding_window"] = attn.sliding_window
+    kwargs |= {"position_ids": position_ids, "use_cache": use_cache}  # as transformers' layer hands them on
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
     out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
     return f.post(out, hidden_states, attn.o_proj.weight, attn.o_proj.bias, ln2.weight, ln2.variance_epsilon,

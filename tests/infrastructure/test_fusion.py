@@ -154,7 +154,8 @@ async def test_fused_engine_rows_equal_the_unfused_engine_for_every_steering_met
 
 async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: LoadedModel, monkeypatch):
     """COMPILE=on with a counting backend (dynamo's guards decide recompiles, whatever the backend): after
-    one request per steering layout, new vectors, strengths and capture directions compile nothing."""
+    one request per steering layout, new vectors, strengths and capture directions compile nothing. Each
+    method sits at its own site, so however the rows share steps, every site's layout is one already seen."""
     compiles = []
 
     def counting(gm, example_inputs):
@@ -164,7 +165,7 @@ async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: Lo
     monkeypatch.setattr(compiled_step, "BACKEND", counting)
     torch.manual_seed(0)
     tok = loaded_model.tokenizer
-    config = LlamaConfig(**(TINY | {"vocab_size": len(tok)}), num_key_value_heads=2)
+    config = LlamaConfig(**(TINY | {"vocab_size": len(tok), "num_hidden_layers": 3}), num_key_value_heads=2)
     model = LlamaForCausalLM(config).eval().requires_grad_(False)
     loaded = LoadedModel(model, tok, "tiny", "tiny", "random", torch.device("cpu"), ["cpu"], torch.float32, "none", 0)
     engine = PersonaEngine(loaded, max_batch_size=4, compile="on", prefix_caching=False)
@@ -176,7 +177,7 @@ async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: Lo
         def batch(seed: int):
             return [(ids, 4, SteeringSpec((add_op(1, _unit(seed, 64), 2.0 + seed),)), ()),
                     (ids, 4, SteeringSpec((cap_op(0, _unit(seed + 50, 64), 0.1 * seed),)), ()),
-                    (ids, 4, None, (Capture("axis", 1, _unit(seed + 90, 64)),))]  # fmt: skip
+                    (ids, 4, None, (Capture("axis", 2, _unit(seed + 90, 64)),))]  # fmt: skip
 
         first = await _rows(engine, batch(0))
         warm = len(compiles)
