@@ -48,10 +48,12 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH
 
 # Python 3.11 from Ubuntu 22.04's archive (unpinned on purpose: take the archive's security fixes),
-# in a virtualenv so pip never touches the system Python.
+# in a virtualenv so pip never touches the system Python. gcc and the Python headers: COMPILE=auto
+# compiles the decode step with torch.compile, whose Triton kernels build a small C launcher at run time
+# (without them the engine logs a warning and runs the fused layers eagerly).
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \
+ && apt-get install -y --no-install-recommends python3.11 python3.11-venv python3.11-dev gcc libc6-dev ca-certificates \
  && rm -rf /var/lib/apt/lists/* \
  && python3.11 -m venv /opt/venv \
  && pip install pip==26.3

@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from infrastructure.engine.fusion import fuse_model, raise_recompile_limit
+from infrastructure.engine.fusion import FUSED_MARK, fuse_model, raise_recompile_limit
 from infrastructure.steering.hooks import apply_table
+from infrastructure.steering.sites import decoder_layers
 
 log = logging.getLogger(__name__)
 
@@ -96,13 +97,38 @@ def warm_steering(steer, hidden_size: int, device: torch.device, dtype: torch.dt
             steer(hidden, None, None, [], [], [table(tokens, hidden_size, torch.float32)])  # a capture alone
 
 
-def warm_up(graphs, max_rows: int, steer, hidden_size: int, dtype: torch.dtype) -> float:
+def compiles_here(model: torch.nn.Module, steer, device: torch.device, dtype: torch.dtype, max_rows: int) -> bool:
+    """Compile the steering layouts and run one fused layer's two compiled functions on a two-token dummy
+    input: False (with a warning) when this machine cannot compile, e.g. Triton finds no C compiler or
+    Python headers; the engine then runs the fused layers eagerly instead of failing every request."""
+    try:
+        warm_steering(steer, int(model.config.get_text_config().hidden_size), device, dtype, max_rows)
+        layer = next(x for x in decoder_layers(model) if getattr(x, FUSED_MARK, None) is not None)
+        f, attn, mlp = getattr(layer, FUSED_MARK), layer.self_attn, layer.mlp
+        ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        hidden = torch.randn(1, 2, ln1.weight.shape[0], device=device, dtype=ln1.weight.dtype)
+        cos = torch.ones(1, 2, f.head_dim, device=device, dtype=ln1.weight.dtype)
+        qkv = attn.qkv_proj
+        f.pre(hidden, ln1.weight, ln1.variance_epsilon, qkv.weight, qkv.bias, cos, cos * 0, f.sizes, f.head_dim)
+        out = torch.zeros(1, 2, f.sizes[0], device=device, dtype=hidden.dtype)
+        gate_up, down = mlp.gate_up_proj, mlp.down_proj
+        f.post(out, hidden, attn.o_proj.weight, attn.o_proj.bias, ln2.weight, ln2.variance_epsilon,
+               gate_up.weight, gate_up.bias, down.weight, down.bias)  # fmt: skip
+        return True
+    except StopIteration:  # no layer could be fused: nothing to compile but the steering function
+        return True
+    except Exception as exc:  # noqa: BLE001 - any compiler failure means: run eagerly
+        log.warning("COMPILE=on: torch.compile failed on this machine (%s: %s); the fused layers run eagerly "
+                    "(as COMPILE=merge)", type(exc).__name__, str(exc)[:500])  # fmt: skip
+        return False
+
+
+def warm_up(graphs, max_rows: int) -> float:
     """Compile and capture the decode step for every rows bucket (unsteered layout, shortest key bucket)
     with a progress bar; returns the seconds it took (also logged)."""
     from tqdm import tqdm
 
     started = time.perf_counter()
-    warm_steering(steer, hidden_size, graphs.runner.device, dtype, max_rows)
     buckets = [b for b in graphs.row_buckets if b <= max_rows]
     for b in tqdm(buckets, desc="compile + capture decode buckets", unit="bucket", leave=False):
         graphs.capture_padding(b)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infrastructure.engine.compiled_step import prepare, resolve_compile, warm_up
+from infrastructure.engine.compiled_step import compiles_here, prepare, resolve_compile, warm_up
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.graphs import DecodeGraphs
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest, SamplingParams
@@ -92,6 +92,13 @@ class PagedLoop:
         one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
         self.compile_mode = resolve_compile(self.compile, self.loaded.device, one_gpu, self.loaded.quantization)
         self._runner.steer_fn = prepare(self.model, self.compile_mode, self.compile_cache_dir)
+        started = time.perf_counter()
+        if self.compile_mode == "on" and not compiles_here(
+            self.model, self._runner.steer_fn, self.loaded.device, self._kv_dtype, self.max_batch_size
+        ):
+            self.compile_mode = "merge"
+            self._runner.steer_fn = prepare(self.model, "merge")
+        self.warmup_seconds = time.perf_counter() - started
         if self.cuda_graphs and one_gpu and self.loaded.quantization == "none":
             self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
         self._live: list[PagedRow] = []
@@ -106,10 +113,9 @@ class PagedLoop:
         self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
         while self._sched.has_work:
             self._step()
-        self.warmup_seconds = time.perf_counter() - started
+        self.warmup_seconds += time.perf_counter() - started
         if self._graphs is not None and self.compile_mode == "on":  # compile + capture every rows bucket now
-            steer, hidden = self._runner.steer_fn, self.loaded.hidden_size
-            self.warmup_seconds += warm_up(self._graphs, self.max_batch_size, steer, hidden, self._kv_dtype)
+            self.warmup_seconds += warm_up(self._graphs, self.max_batch_size)
 
     # ---- rows in and out ----
 

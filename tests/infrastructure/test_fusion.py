@@ -189,3 +189,32 @@ async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: Lo
         assert first[0].token_ids != again[0].token_ids or first[1].token_ids != again[1].token_ids
     finally:
         engine.stop()
+
+
+async def test_a_machine_that_cannot_compile_serves_the_fused_layers_eagerly(loaded_model: LoadedModel, monkeypatch):
+    """COMPILE=on where torch.compile fails (e.g. Triton finds no C compiler): one warning, the engine runs as
+    COMPILE=merge and its rows equal the unfused model's."""
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(compiled_step, "BACKEND", broken)
+    tok = loaded_model.tokenizer
+    torch.manual_seed(0)
+    config = LlamaConfig(**(TINY | {"vocab_size": len(tok)}), num_key_value_heads=2)
+    model = LlamaForCausalLM(config).eval().requires_grad_(False)
+    plain = copy.deepcopy(model)
+    rows = [(chat_ids(tok, "Hi there"), 5, SteeringSpec((add_op(1, _unit(1, 64), 3.0),)), ())]
+    got = {}
+    for name, m, mode in (("on", model, "on"), ("off", plain, "off")):
+        loaded = LoadedModel(m, tok, "tiny", "tiny", "random", torch.device("cpu"), ["cpu"], torch.float32, "none", 0)
+        engine = PersonaEngine(loaded, max_batch_size=2, compile=mode)
+        engine.start()
+        assert engine.wait_ready(120), engine.broken
+        try:
+            got[name] = [r.token_ids for r in await _rows(engine, rows)]
+            assert engine.compile_mode == ("merge" if mode == "on" else "off")
+        finally:
+            engine.stop()
+    assert is_fused(model) and not is_fused(plain)
+    assert got["on"] == got["off"]
