@@ -73,6 +73,16 @@ def prepare(model: torch.nn.Module, mode: str, cache_dir=None, backend=None):
     return compiled_steering(backend) if mode == "on" else None
 
 
+def set_up(model: torch.nn.Module, mode: str, dtype: torch.dtype, max_rows: int, cache_dir=None) -> tuple:
+    """Prepare the model for a resolved mode and check that compiling works here (else fall back to `merge`).
+    Returns (mode in effect, the steering function for forwards or None)."""
+    steer = prepare(model, mode, cache_dir)
+    device = model.get_input_embeddings().weight.device
+    if mode == "on" and not compiles_here(model, steer, device, dtype, max_rows):
+        return "merge", prepare(model, "merge")
+    return mode, steer
+
+
 def warm_steering(steer, hidden_size: int, device: torch.device, dtype: torch.dtype, max_rows: int) -> None:
     """Compile the steering function's common layouts (an add; one cap; one orthogonal decomposition; one
     capture) for one token and for many, with the tables laid out as the engine lays them out (per-token

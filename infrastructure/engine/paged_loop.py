@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from infrastructure.engine.compiled_step import compiles_here, prepare, resolve_compile, warm_up
+from infrastructure.engine.compiled_step import resolve_compile, set_up, warm_up
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.graphs import DecodeGraphs
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest, SamplingParams
@@ -76,6 +76,11 @@ class PagedLoop:
         return self._table_dtype
 
     def _start_paged(self) -> None:
+        one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
+        mode = resolve_compile(self.compile, self.loaded.device, one_gpu, self.loaded.quantization)
+        started = time.perf_counter()  # fused before the KV pool takes the free memory
+        self.compile_mode, steer = set_up(self.model, mode, self._kv_dtype, self.max_batch_size, self.compile_cache_dir)
+        self.warmup_seconds = time.perf_counter() - started
         blocks = self._kv_blocks()
         self.kv_bytes_per_token = KVPool.bytes_per_token(self.model, self._kv_dtype)
         self.attention_kernel = self._kernel()
@@ -89,16 +94,7 @@ class PagedLoop:
         self._sched.holds = self._reader_behind
         self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
         self._graphs = None
-        one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
-        self.compile_mode = resolve_compile(self.compile, self.loaded.device, one_gpu, self.loaded.quantization)
-        self._runner.steer_fn = prepare(self.model, self.compile_mode, self.compile_cache_dir)
-        started = time.perf_counter()
-        if self.compile_mode == "on" and not compiles_here(
-            self.model, self._runner.steer_fn, self.loaded.device, self._kv_dtype, self.max_batch_size
-        ):
-            self.compile_mode = "merge"
-            self._runner.steer_fn = prepare(self.model, "merge")
-        self.warmup_seconds = time.perf_counter() - started
+        self._runner.steer_fn = steer
         if self.cuda_graphs and one_gpu and self.loaded.quantization == "none":
             self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
         self._live: list[PagedRow] = []
