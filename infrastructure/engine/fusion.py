@@ -99,6 +99,8 @@ def fusable(layer: nn.Module) -> bool:
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
     if attn is None or mlp is None or hasattr(attn, "q_norm") or not (_no_hooks(attn) and _no_hooks(mlp)):
         return False
+    if any("forward" in vars(m) for m in (layer, attn, mlp)):  # a forward replaced by other code (e.g. a
+        return False  # tensor-parallel all-reduce): the fused forward would bypass it
     if not all(_plain(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return False
     if not all(_plain(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")):

@@ -87,6 +87,10 @@ def test_layers_that_do_not_fit_are_left_alone():
     layer.self_attn.q_proj = QuantLinear(q.in_features, q.out_features, bias=False)
     handle = model.model.layers[1].mlp.up_proj.register_forward_hook(lambda *a: None)
     assert not fusable(layer) and not fusable(model.model.layers[1])
+    attn = model.model.layers[1].self_attn
+    attn.forward = attn.forward  # an instance-level forward (what a wrapper installs): never bypassed
+    assert not fusable(model.model.layers[1])
+    del attn.forward
     assert fuse_model(model) == 0 and not is_fused(model)
     handle.remove()
     assert fuse_model(model) == 1
