@@ -52,7 +52,9 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # in a virtualenv so pip never touches the system Python. AWQ / GPTQ checkpoints (issue 15) run
 # gptqmodel's Triton kernels: Triton compiles a small C launcher on first use, so the image keeps a C
 # compiler and Python's headers, which also build pypcre (a gptqmodel dependency PyPI ships as source only;
-# it links the system libpcre2-8, whose development files libpcre2-dev adds).
+# it links the system libpcre2-8, whose development files libpcre2-dev adds). COMPILE=auto (issue 14) needs
+# the same compiler and headers for the launchers of its torch.compile kernels (without them the engine logs a
+# warning and runs the fused layers eagerly).
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \

@@ -36,6 +36,8 @@ def engine_options(s: Settings) -> dict:
         prefix_caching=s.enable_prefix_caching,
         gpu_memory_utilization=s.gpu_memory_utilization,
         max_unread_tokens=s.max_unread_tokens,
+        compile=s.compile,
+        compile_cache_dir=str(s.model_cache_dir / "torch_compile"),
     )
 
 

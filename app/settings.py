@@ -110,6 +110,11 @@ class Settings(BaseSettings):
         description="Engine: paged (auto; paged KV cache, chunked ragged prefill) or the legacy padded-batch "
         "modes: dynamic KV cache, static slots, or static slots replayed as CUDA graphs.",
     )
+    compile: Literal["auto", "on", "merge", "off"] = Field(
+        default="auto",
+        description="Paged engine: fused decoder layers (merged q/k/v and gate/up projections) compiled with "
+        "torch.compile; auto = on for one unquantised CUDA GPU, off elsewhere; merge = fused but eager.",
+    )
     kv_block_size: int = Field(default=16, ge=1, le=1024, description="Token positions per paged KV block.")
     kv_cache_tokens: int = Field(
         default=0, ge=0, description="Paged KV cache size in tokens; 0 = from GPU_MEMORY_UTILIZATION (CPU: 2,048/row)."

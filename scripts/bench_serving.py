@@ -89,6 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         choices=["auto", "flash", "flash_paged", "grouped", "rows"],
         help="paged attention kernel",
     )
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "merge", "off"], help="COMPILE")
     p.add_argument("--w5-long", type=int, default=None, help="W5 long prompt tokens (6,000 on GPU)")
     p.add_argument("--w6-long", type=int, default=None, help="W6 long prompt tokens (32,000 on GPU)")
     p.add_argument("--w7-requests", type=int, default=None, help="W7 requests (200)")
@@ -151,6 +152,7 @@ def load(args: argparse.Namespace, settings: Settings) -> LoadedModel:
 
 def start_engine(loaded: LoadedModel, max_batch_size: int, decode: str = "auto", **kw) -> ForcedLengthEngine:
     kw.setdefault("attention", ATTENTION[0])
+    kw.setdefault("compile", COMPILE[0])
     engine = ForcedLengthEngine(loaded, max_batch_size=max_batch_size, max_queue=4096, decode=decode, **kw)
     engine.start()
     if not engine.wait_ready(600):
@@ -159,6 +161,7 @@ def start_engine(loaded: LoadedModel, max_batch_size: int, decode: str = "auto",
 
 
 ATTENTION = ["auto"]  # the paged attention kernel every engine of this run uses (--attention)
+COMPILE = ["auto"]  # COMPILE of every engine of this run (--compile)
 
 
 def prompt_for(tokenizer, client: int, target: int) -> tuple[str, int]:
@@ -421,13 +424,14 @@ def run_all(args: argparse.Namespace) -> dict:
     if CHAT_ROUTE not in app.openapi()["paths"]:
         raise SystemExit(f"error: the server has no {CHAT_ROUTE} route; the benchmark streams through it")
     timed("model loaded, engine warmed", lambda: None)
+    startup = {"compile": batched.compile_mode, "engine_warmup_s": batched.warmup_seconds}
     with ServerThread(app) as server:
         bench = Bench(args, runtime, loaded, server.url)
         run_workloads(bench, runtime, axis)
         bench.clients.shutdown()
     batched.stop()
     prompt_mean = statistics.mean(n for _, n in bench.prompts)
-    return environment(args, loaded, axis_source) | {"prompt_tokens_mean": prompt_mean} | bench.results
+    return environment(args, loaded, axis_source) | {"prompt_tokens_mean": prompt_mean} | startup | bench.results
 
 
 def environment(args: argparse.Namespace, loaded: LoadedModel, axis_source: str) -> dict:
@@ -458,6 +462,7 @@ def environment(args: argparse.Namespace, loaded: LoadedModel, axis_source: str)
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     ATTENTION[0] = args.attention
+    COMPILE[0] = args.compile
     ONLY.update(w.strip() for w in (args.only or "").split(",") if w.strip())
     started = time.perf_counter()
     numbers = run_all(args)

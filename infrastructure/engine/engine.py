@@ -65,6 +65,8 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
         cuda_graphs: bool = True,
         attention: str = "auto",
         max_unread_tokens: int = 256,
+        compile: str = "auto",
+        compile_cache_dir: str | None = None,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -77,6 +79,8 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
         self.cuda_graphs = cuda_graphs  # paged: decode steps replay CUDA graphs on one unquantised GPU
         self.attention = attention  # paged attention kernel: auto | flash | grouped | rows
         self.max_unread_tokens = max_unread_tokens  # paged: a job this far behind its reader stops decoding
+        self.compile, self.compile_cache_dir = compile, compile_cache_dir  # paged: COMPILE (compiled_step.py)
+        self.compile_mode, self.warmup_seconds = "off", 0.0
         static = self.decode_mode in ("static", "graphs")
         longest = static_len if static else max_model_len  # the static cache's columns
         self.context_len = min(max_model_len, longest, loaded.max_positions)

@@ -129,6 +129,17 @@ class DecodeGraphs:
         captured = {k: v[0, :n] for k, v in entry.state.captured.items()}
         return entry.logits[:n], captured
 
+    def capture_padding(self, b: int) -> None:
+        """Capture the unsteered graph of rows bucket `b` at the shortest key bucket ahead of traffic (start-up
+        warm-up: with COMPILE=on this is where the step's code is compiled), all rows padding."""
+        key = (b, self.len_buckets[0], signature({}), False)
+        if key in self._graphs:
+            return
+        host = [[0] * b, [0] * b, [self.runner.scratch_row] * b, [1] * b]
+        self.inputs[:, :b].copy_(torch.tensor(host), non_blocking=True)
+        self.steer_mask[:, :b].zero_()
+        self._graphs[key] = self._capture(b, key[1], {}, False)
+
     def _static_tables(self, sig: tuple, row_tables: dict[int, SiteTable]) -> dict[int, SiteTable]:
         if sig not in self._tables:
             rows = self.max_rows
@@ -173,7 +184,7 @@ class DecodeGraphs:
         """Warm the shape up on a side stream, then capture it (the inputs already hold this step's values, so
         the warm-up's cache writes are the ones the step makes anyway)."""
         tables = {site: map_tensors(t, lambda x: x[:, :b]) for site, t in static.items()}
-        state = BatchSteering(tables=tables)
+        state = BatchSteering(tables=tables, apply=self.runner.steer_fn)
         mask = self.steer_mask[:, :b] if state.steers else None
         device = self.runner.device
         side = torch.cuda.Stream(device)

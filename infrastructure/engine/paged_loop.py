@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from infrastructure.engine.compiled_step import resolve_compile, set_up, warm_up
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.graphs import DecodeGraphs
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest, SamplingParams
@@ -75,12 +76,18 @@ class PagedLoop:
         return self._table_dtype
 
     def _start_paged(self) -> None:
+        one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
+        mode = resolve_compile(self.compile, self.loaded.device, one_gpu, self.loaded.quantization)
+        started = time.perf_counter()  # fused before the KV pool takes the free memory
+        self.compile_mode, steer = set_up(self.model, mode, self._kv_dtype, self.max_batch_size, self.compile_cache_dir)
+        self.warmup_seconds = time.perf_counter() - started
         blocks = self._kv_blocks()
         self.kv_bytes_per_token = KVPool.bytes_per_token(self.model, self._kv_dtype)
         self.attention_kernel = self._kernel()
         self.context_len = min(self.context_len, blocks * self.block_size)
         max_blocks = -(-self.context_len // self.block_size) + 1
         self._build_runner(blocks, max_blocks)
+        self._runner.steer_fn = steer  # read when a step runs or a graph is captured
         self._kv = KVCacheManager(blocks, self.block_size, prefix_caching=self.prefix_caching)
         self._sched = Scheduler(self._kv, self.max_batch_size, self.step_tokens)
         self._sched.holds = self._reader_behind
@@ -93,9 +100,13 @@ class PagedLoop:
         ids = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)
         if self.loaded.device.type == "cuda":  # a full step first: kernels chosen, activation memory reserved
             ids = (ids * (self.step_tokens // len(ids) + 1))[: min(self.step_tokens, self.context_len - 4)]
+        started = time.perf_counter()
         self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
         while self._sched.has_work:
             self._step()
+        self.warmup_seconds += time.perf_counter() - started
+        if self._graphs is not None and self.compile_mode == "on":  # compile + capture every rows bucket now
+            self.warmup_seconds += warm_up(self._graphs, self.max_batch_size)
 
     def _build_runner(self, blocks: int, max_blocks: int) -> None:
         """The model runner over `blocks` KV blocks, and CUDA graphs for its decode steps where they apply (one

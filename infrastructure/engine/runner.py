@@ -92,6 +92,7 @@ class ModelRunner:
         self.tables = torch.full((max_rows + 1, max_blocks), num_blocks, dtype=torch.long, device=self.device)
         self._known: dict[int, int] = {}  # table slot -> entries already uploaded
         self._dummy_mask = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=self.device)
+        self.steer_fn = None  # COMPILE=on: the compiled steering function (compiled_step.py); None: eager
 
     def forget(self, slot: int) -> None:
         """A row left its table slot: the next holder's entries are uploaded from the start."""
@@ -171,7 +172,7 @@ class ModelRunner:
             keep += len(w.tokens)
             if w.wants_logits:
                 ends.append(keep - 1)
-        state = BatchSteering(tables=per_token(row_tables, row_of_token))
+        state = BatchSteering(tables=per_token(row_tables, row_of_token), apply=self.steer_fn)
         if state.steers:
             bits = torch.tensor([[b for w in works for b in w.steer]], dtype=torch.bool)
             state.set_mask(bits.to(self.device, non_blocking=True))

@@ -54,6 +54,9 @@ class LoaderSource:
 
 class TensorParallelEngine(PersonaEngine):
     def __init__(self, loaded: LoadedModel, group: TensorParallelGroup, **options) -> None:
+        # Every rank must run the same arithmetic on the replicated residual stream, and the workers build plain
+        # runners: rank 0 neither fuses nor compiles (COMPILE=off; fused, compiled layers are one-process only).
+        options["compile"] = "off"
         super().__init__(loaded, **options)
         if self.decode_mode != "paged":
             raise ModelLoadError("TENSOR_PARALLEL_SIZE > 1 runs the paged engine: set DECODE_MODE=paged (or auto)")

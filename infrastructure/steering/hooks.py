@@ -48,6 +48,7 @@ class BatchSteering:
     tables: dict[int, SiteTable]
     mask: torch.Tensor | None = None  # [B,T] bool, set before each forward
     captured: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)  # (site, slot) -> [B,T]
+    apply: Callable | None = None  # the function applying a site's tables (apply_table, or it compiled)
     _masks_by_device: dict[torch.device, torch.Tensor] = field(default_factory=dict)
 
     @property
@@ -116,23 +117,31 @@ def build_tables(
     return tables
 
 
+def apply_table(hidden: torch.Tensor, mask, add, orthos: list, caps: list, directions: list = ()) -> tuple:
+    """One site's steering on hidden [B,T,H] (mask [B,T,1]): adds, then orthogonal decompositions, then caps;
+    then the projections [B,T] of the result on each capture direction (float32). Pure tensors in and out,
+    so `torch.compile` can fuse it (compiled_step.py) with the tables as inputs."""
+    if add is not None:
+        hidden = hidden + add * mask
+    for u, keep in orthos:
+        along = (hidden * u).sum(-1, keepdim=True)
+        hidden = hidden + (keep * along * mask) * u
+    for u, tau in caps:
+        excess = ((hidden * u).sum(-1, keepdim=True) - tau).clamp_min(0)
+        hidden = hidden - (excess * mask) * u
+    return hidden, [(hidden.float() * direction).sum(-1) for direction in directions]
+
+
 def make_site_hook(site: int, table: SiteTable, state: BatchSteering) -> Callable:
     """A forward hook applying one site's table; accepts tensor or tuple outputs (transformers 4.x/5.x)."""
 
     def hook(module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> torch.Tensor | tuple:
         hidden = output[0] if isinstance(output, tuple) else output
-        if table.steers:
-            mask = state.mask_for(hidden)
-            if table.add is not None:
-                hidden = hidden + table.add * mask
-            for u, keep in table.orthos:
-                along = (hidden * u).sum(-1, keepdim=True)
-                hidden = hidden + (keep * along * mask) * u
-            for u, tau in table.caps:
-                excess = ((hidden * u).sum(-1, keepdim=True) - tau).clamp_min(0)
-                hidden = hidden - (excess * mask) * u
-        for slot, direction in enumerate(table.captures):
-            state.captured[(site, slot)] = (hidden.float() * direction).sum(-1)
+        mask = state.mask_for(hidden) if table.steers else None  # captures alone need no position mask
+        apply = state.apply or apply_table
+        hidden, projections = apply(hidden, mask, table.add, table.orthos, table.caps, table.captures)
+        for slot, projection in enumerate(projections):
+            state.captured[(site, slot)] = projection
         if isinstance(output, tuple):
             return (hidden, *output[1:])
         return hidden
