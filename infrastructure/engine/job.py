@@ -27,6 +27,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks force output lengths
     n_logprobs: int = 0  # > 0: report the chosen token's logprob and this many top candidates per token
+    prompt_logprobs: int | None = None  # not None: score every prompt token, with this many top candidates
+    grammar: str | None = None  # an llguidance grammar (e.g. a JSON schema) the sampled tokens must follow
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,7 @@ class RowFinished:
     prompt_tokens: int
     captures: dict[str, list[float]] = field(default_factory=dict)  # name -> projection per position
     logprobs: list[TokenLogprob] | None = None  # every generated token's (n_logprobs > 0)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first: None), when asked
 
     @property
     def completion_tokens(self) -> int:
