@@ -60,6 +60,7 @@ class RowToken:
     delta: str
     text: str  # cumulative
     logprobs: list[TokenLogprob] | None = None  # tokens since the previous RowToken (n_logprobs > 0)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a row's first RowToken, when it scored its prompt
 
 
 @dataclass
@@ -112,6 +113,8 @@ class EventChannel:
             if queued is not None:  # merge into the row's event still waiting
                 token, deltas = queued
                 token.token_id, token.text = event.token_id, event.text
+                if event.logprobs:  # the merged event carries every merged token's logprobs
+                    token.logprobs = [*(token.logprobs or []), *event.logprobs]
                 deltas.append(event.delta)
                 return
             self._waiting[event.row] = (event, [event.delta])
