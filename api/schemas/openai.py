@@ -89,7 +89,27 @@ class SteeringIn(StrictModel):
     )
 
 
-class ChatCompletionRequest(IgnoredFields):
+REFUSED_DOC = "Not implemented: only null or an empty value (anything else is a 400 naming the field)."
+
+
+class RefusedFields(StrictModel):
+    """OpenAI fields that would change the answer and are not implemented. Declared so that null or an empty
+    value passes the strict schema; `refuse_unsupported` turns anything else into a 400 naming the field."""
+
+    tools: list[Any] | None = Field(default=None, description=REFUSED_DOC)
+    tool_choice: Any = Field(default=None, description=REFUSED_DOC)
+    functions: list[Any] | None = Field(default=None, description=REFUSED_DOC)
+    function_call: Any = Field(default=None, description=REFUSED_DOC)
+    logit_bias: dict[str, float] | None = Field(default=None, description=REFUSED_DOC)
+    audio: Any = Field(default=None, description=REFUSED_DOC)
+    modalities: list[str] | None = Field(default=None, description='Only ["text"].')
+    prediction: Any = Field(default=None, description=REFUSED_DOC)
+    reasoning_effort: Any = Field(default=None, description=REFUSED_DOC)
+    web_search_options: Any = Field(default=None, description=REFUSED_DOC)
+    verbosity: Any = Field(default=None, description=REFUSED_DOC)
+
+
+class ChatCompletionRequest(IgnoredFields, RefusedFields):
     """Every optional field also accepts null, meaning its default."""
 
     model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [EXAMPLE]}}

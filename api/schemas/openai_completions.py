@@ -64,6 +64,8 @@ class CompletionsRequest(IgnoredFields):
     steering: SteeringIn | None = Field(
         default=None, description="Extension: steer with traits or raw vectors (added to a preset's)."
     )
+    suffix: str | None = Field(default=None, description="Not implemented: only null or empty (else a 400).")
+    logit_bias: dict[str, float] | None = Field(default=None, description="Not implemented: only null or {}.")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -96,6 +96,8 @@ def create_preset(runtime: Serving, body: PresetCreateRequest) -> PresetOut:
         raise PresetExistsError(f"a preset named {body.name!r} exists; send overwrite: true to replace it", "name")
     if body.name not in store.presets and len(store.presets) >= runtime.settings.presets_max:
         raise RegistryFullError(f"{runtime.settings.presets_max} presets exist (PRESETS_MAX); delete one", "name")
+    if not body.steering.vectors:
+        raise InvalidRequestError("a preset steers with at least one vector", "steering.vectors")
     combined_steering(runtime, body.steering, None)  # refuses what a request through it would be refused
     preset = Preset(
         body.name,
@@ -112,12 +114,17 @@ def create_preset(runtime: Serving, body: PresetCreateRequest) -> PresetOut:
     return _out(runtime, preset)
 
 
-def _get(runtime: Serving, name: str) -> Preset:
-    runtime.require_engine()
+def preset_named(runtime: Serving, name: str, param: str = "preset") -> Preset:
+    """The preset of that name (404 naming `param` otherwise)."""
     preset = runtime.presets.presets.get(name)
     if preset is None:
-        raise UnknownPresetError(f"no preset named {name!r}", "name")
+        raise UnknownPresetError(f"no preset named {name!r} (GET /api/v1/presets)", param)
     return preset
+
+
+def _get(runtime: Serving, name: str) -> Preset:
+    runtime.require_engine()
+    return preset_named(runtime, name, "name")
 
 
 def list_presets(runtime: Serving) -> PresetList:
