@@ -16,6 +16,7 @@ from typing import Any
 import llguidance
 import llguidance.hf
 import llguidance.torch
+import numpy as np
 import torch
 
 from infrastructure.errors import InvalidRequestError
@@ -79,14 +80,22 @@ def _bitmasks(constraints: list[Constraint]) -> torch.Tensor:
     return bitmask
 
 
+def _unpack(bitmask: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Packed int32 bitmasks [R, words] (bit j%32 of word j//32 = token j) -> bool [R, words*32] on `device`:
+    numpy's unpackbits on the CPU; on an accelerator the packed masks travel (32x smaller) and unpack there."""
+    if device.type == "cpu":
+        bits = np.unpackbits(bitmask.numpy().view(np.uint8), axis=-1, bitorder="little")
+        return torch.from_numpy(bits).bool()
+    packed = bitmask.to(device, non_blocking=True)
+    return ((packed.unsqueeze(-1) >> torch.arange(32, device=device, dtype=torch.int32)) & 1).flatten(1).bool()
+
+
 def constrain(logits: torch.Tensor, constraints: list[Constraint | None]) -> torch.Tensor:
     """logits [B,V] with every token a row's grammar forbids set to -inf (a copy; None rows untouched)."""
     rows = [i for i, c in enumerate(constraints) if c is not None]
     if not rows:
         return logits
-    bitmask = _bitmasks([constraints[i] for i in rows]).to(logits.device, non_blocking=True)
-    bits = (bitmask.unsqueeze(-1) >> torch.arange(32, device=logits.device, dtype=torch.int32)) & 1
-    allowed = bits.flatten(1).bool()  # [R, words*32] token j allowed
+    allowed = _unpack(_bitmasks([constraints[i] for i in rows]), logits.device)  # [R, words*32]: token j allowed
     width = logits.shape[-1]
     if allowed.shape[-1] < width:  # ids past the tokenizer's vocabulary (padding of the LM head): never
         allowed = torch.nn.functional.pad(allowed, (0, width - allowed.shape[-1]), value=False)

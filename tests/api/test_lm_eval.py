@@ -98,7 +98,12 @@ def test_lm_eval_scores_match_the_engine_unsteered_and_through_a_preset(
     spec = SteeringSpec((add_op(8, VECTOR, 1.0),))
     accuracies, scores = {}, {}
     with serve(create_app(runtime=rt)) as url:
-        assert httpx.post(f"{url}/api/v1/presets", json={"name": "eval-steered", "steering": steer}).status_code == 201
+        assert (
+            httpx.post(
+                f"{url}/api/v1/presets", json={"name": "eval-steered", "steering": steer}, timeout=60
+            ).status_code
+            == 201
+        )
         for model, steering in ((MODEL, None), ("eval-steered", spec)):
             result = evaluate(url, model, tokenizer_dir, task_dir)
             samples = result["samples"]["persona_mc"]

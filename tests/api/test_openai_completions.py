@@ -44,7 +44,7 @@ def base_url(rt):
 
 @pytest.fixture(scope="module")
 def oai(base_url):
-    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return openai.OpenAI(base_url=f"{base_url}/v1", api_key="unused", max_retries=0, timeout=600)
 
 
 def _score(oai, prompt, **kwargs):
@@ -97,7 +97,7 @@ def test_streaming_equals_the_answer(oai):
 
 
 def _post(base_url: str, path: str, body: dict) -> httpx.Response:
-    return httpx.post(f"{base_url}{path}", json=body, timeout=120)
+    return httpx.post(f"{base_url}{path}", json=body, timeout=600)
 
 
 def test_presets_are_model_names_on_every_route(base_url, oai, rt, loaded_model):
@@ -137,8 +137,8 @@ def test_presets_are_model_names_on_every_route(base_url, oai, rt, loaded_model)
     assert gen.json()["text"] == chat.choices[0].message.content and gen.json()["preset"] == "steered-a"
     # persisted like registry vectors, then deleted with its file
     assert "steered-a" in load_presets(rt.settings.vectors_dir / "presets").presets
-    assert httpx.get(f"{base_url}/api/v1/presets/steered-a").json()["steering"]["vectors"][0]["layer"] == 10
-    gone = httpx.delete(f"{base_url}/api/v1/presets/steered-a").json()
+    assert httpx.get(f"{base_url}/api/v1/presets/steered-a", timeout=60).json()["steering"]["vectors"][0]["layer"] == 10
+    gone = httpx.delete(f"{base_url}/api/v1/presets/steered-a", timeout=60).json()
     assert gone == {"name": "steered-a", "deleted": True, "file_removed": True}
     with pytest.raises(openai.NotFoundError) as err:
         _score(oai, TEXT, model="steered-a")
