@@ -44,8 +44,11 @@ def grammar_of(runtime: Serving, fmt: ResponseFormat | None) -> str | None:
             json.dumps(schema, allow_nan=False)
         except ValueError as exc:
             raise InvalidRequestError(f"the schema is not JSON: {exc}", "response_format.json_schema.schema") from exc
-    grammar = json_schema_grammar(schema)
     param = "response_format.json_schema.schema" if schema is not None else "response_format"
+    try:
+        grammar = json_schema_grammar(schema)
+    except (ValueError, TypeError, RuntimeError) as exc:  # llguidance refuses the schema itself
+        raise InvalidRequestError(f"the schema cannot be enforced: {str(exc)[:500]}", param) from exc
     check_grammar(grammar, runtime.require_engine().tokenizer, param)
     return grammar
 
