@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from api.schemas.openai import SteeringIn
 from api.schemas.presets import PresetCreateRequest, PresetDeleted, PresetList, PresetOut
-from api.services.checks import model_shape
+from api.services.checks import model_shape, served_ids
 from api.services.ports import Serving
 from infrastructure.errors import InvalidRequestError, PresetExistsError, RegistryFullError, UnknownPresetError
 from infrastructure.steering.resolve import VectorRef, resolve_steering
@@ -86,8 +86,6 @@ def _out(runtime: Serving, preset: Preset) -> PresetOut:
 
 def create_preset(runtime: Serving, body: PresetCreateRequest) -> PresetOut:
     """Check the name (free, not a served model id) and that the steering resolves on this model, then keep it."""
-    from api.services.steer_common import served_ids  # the served ids a preset may not shadow
-
     runtime.require_engine()
     store = runtime.presets
     if body.name.lower() in {i.lower() for i in served_ids(runtime)}:

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from api.schemas.steer_wire import SteerKnobs
+from api.services.checks import served_ids
 from api.services.generate import check_new_tokens, model_shape
 from api.services.ports import Serving
 from api.services.presets import find_preset, preset_steering, steering_refs
@@ -19,14 +20,6 @@ from infrastructure.steering.spec import Method, Positions, SteeringSpec
 
 METHODS = {"SIMPLE_ADDITIVE": Method.ADD, "PROJECTION_CAP": Method.CAP, "ORTHOGONAL_DECOMP": Method.ORTHO}
 _SOURCE = re.compile(r"^(\d+)-(.+)$")
-
-
-def served_ids(runtime: Serving) -> list[str]:
-    """Every name the served model answers to: its logical and weights ids, and their last path segments."""
-    loaded = runtime.loaded
-    ids = [loaded.model_id, loaded.weights_id]
-    ids += [i.rsplit("/", 1)[-1] for i in ids]
-    return list(dict.fromkeys(ids))
 
 
 def check_model(runtime: Serving, requested: str | None) -> None:
