@@ -264,3 +264,16 @@ def test_harmless_fields_and_nulls_are_accepted(base_url):
 def test_refusals_name_their_param(base_url, path, body, status, param):
     r = _post(base_url, path, body)
     assert (r.status_code, r.json()["error"].get("param")) == (status, param), r.json()
+
+
+def test_stop_strings_and_suffix_less_generation(oai):
+    full = oai.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=12, temperature=0).choices[0]
+    word = full.text.strip().split()[1]  # a word the greedy answer holds past its start
+    cut = oai.completions.create(model=MODEL, prompt="One, two, three,", max_tokens=12, temperature=0, stop=[word])
+    assert cut.choices[0].text == full.text[: full.text.index(word)] and cut.choices[0].finish_reason == "stop"
+
+
+def test_scoring_needs_the_paged_engine(base_url, engine, monkeypatch):
+    monkeypatch.setattr(engine, "decode_mode", "dynamic")  # refused before any work reaches the engine
+    r = _post(base_url, "/v1/completions", {"prompt": "Hi there", "max_tokens": 0, "echo": True, "logprobs": 1})
+    assert (r.status_code, r.json()["error"]["param"]) == (400, "echo")
