@@ -12,8 +12,8 @@ from infrastructure.engine.job import SamplingParams, TokenLogprob
 
 
 class RowSampler:
-    """Sampling state of one row: its own generator (same seed => same tokens, whatever the batch)
-    and token counts for frequency / presence penalties."""
+    """Sampling state of one row: its own generator (same seed => same tokens, whatever the batch),
+    token counts for frequency / presence penalties, and its grammar's matcher (structured output)."""
 
     def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device, tokenizer=None) -> None:
         self.params = params
