@@ -29,11 +29,13 @@ OPEN_PATHS = frozenset(
     }
 )
 REGISTRY_PREFIX = "/api/v1/vectors"
+PRESETS_PREFIX = "/api/v1/presets"  # steering presets are shared state too
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def is_registry_write(method: str, path: str) -> bool:
-    return method in WRITE_METHODS and (path == REGISTRY_PREFIX or path.startswith(REGISTRY_PREFIX + "/"))
+    prefixes = (REGISTRY_PREFIX, PRESETS_PREFIX)
+    return method in WRITE_METHODS and any(path == p or path.startswith(p + "/") for p in prefixes)
 
 
 def describe_auth(secret: str | None, admin_secret: str | None) -> str:

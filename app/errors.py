@@ -88,8 +88,14 @@ def error_response(exc: PersonaError) -> JSONResponse:
     return JSONResponse(error_body(exc.type, exc.message, exc.param), status_code=status_of(exc), headers=headers)
 
 
+_UNION_TAGS = frozenset({"str", "int", "float", "bool"})  # pydantic names the union member tried in `loc`
+
+
 def _field(loc: tuple) -> str | None:
+    """The request path of a validation error, without pydantic's union-member tags (`stop.list[str].0` ->
+    `stop.0`), so `param` is always a field path."""
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
+    parts = [p for p in parts if p not in _UNION_TAGS and "[" not in p]
     return ".".join(parts) or None
 
 

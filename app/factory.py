@@ -11,7 +11,20 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
 from api.openapi import install_openapi
-from api.routes import completion_chat, docs, extract, generate, health, openai, playground, runpod, traits, vectors
+from api.routes import (
+    completion_chat,
+    docs,
+    extract,
+    generate,
+    health,
+    openai,
+    openai_completions,
+    playground,
+    presets,
+    runpod,
+    traits,
+    vectors,
+)
 from app.auth import SecretAuthMiddleware, describe_auth
 from app.errors import install_error_handlers
 from app.limits import BodySizeLimitMiddleware, install_rate_limit
@@ -54,7 +67,8 @@ def create_app(settings: Settings | None = None, runtime: Runtime | None = None)
     )
     app.state.runtime = runtime
     install_error_handlers(app)
-    for module in (health, generate, traits, completion_chat, runpod, openai, extract, vectors, playground, docs):
+    routers = (health, generate, traits, completion_chat, runpod, openai, openai_completions, extract, vectors, presets)
+    for module in (*routers, playground, docs):
         app.include_router(module.router)
     install_openapi(app, lambda: runtime.loaded.hidden_size if runtime.loaded is not None else None)
     _add_middleware(app, settings, runtime)

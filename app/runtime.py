@@ -17,6 +17,7 @@ from infrastructure.errors import EngineUnavailableError, PersonaDataError
 from infrastructure.faults import build_fault
 from infrastructure.model_loader import LoadedModel, load_model
 from infrastructure.persona.axis_data import AssistantAxis, load_axis, model_folder
+from infrastructure.storage.presets import PRESETS, PresetStore, load_presets
 from infrastructure.storage.traits import TraitStore, load_traits
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ class Runtime:
     loaded: LoadedModel | None = None
     engine: PersonaEngine | None = None
     traits: TraitStore = field(default_factory=TraitStore)
+    presets: PresetStore = field(default_factory=PresetStore)
     axis: AssistantAxis | None = None
     axis_problem: str | None = None
     load_error: str | None = None
@@ -77,6 +79,7 @@ class Runtime:
         ids = {loaded.model_id, loaded.weights_id}
         s = self.settings
         self.traits = load_traits(s.vectors_dir, s.prompts_dir, ids, loaded.hidden_size, loaded.n_layers)
+        self.presets = load_presets(s.vectors_dir / PRESETS)
         self.axis, self.axis_problem = None, None
         if not s.persona_monitoring:
             self.axis_problem = "persona monitoring is off (PERSONA_MONITORING=false)"

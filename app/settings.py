@@ -144,6 +144,7 @@ class Settings(BaseSettings):
         "also capped at a quarter of the model dtype's range.",
     )
     registry_max_vectors: int = Field(default=256, ge=0, description="Vectors the registry holds at most.")
+    presets_max: int = Field(default=256, ge=0, description="Steering presets (POST /api/v1/presets) held at most.")
     registry_max_file_bytes: int = Field(
         default=4 * 1024 * 1024, ge=1024, description="Largest control-vector file (GGUF / safetensors) upload."
     )

@@ -110,3 +110,15 @@ class ModelLoadError(PersonaError):
 
 class PersonaDataError(PersonaError):
     type = "persona_data_error"
+
+
+class UnknownPresetError(UnknownVectorError):
+    """No steering preset of that name (a 404, like an unknown vector)."""
+
+    type = "unknown_preset"
+
+
+class PresetExistsError(VectorExistsError):
+    """A steering preset of that name exists (send `overwrite: true` to replace it)."""
+
+    type = "preset_exists"

@@ -10,7 +10,8 @@ from api.disconnect import until_disconnected
 from api.routing import JSONRoute
 from api.schemas.common import ERROR_RESPONSES
 from api.schemas.openai import ChatCompletion, ChatCompletionRequest, ModelCard, ModelList, unsupported_field
-from api.services.openai_chat import complete, list_models, model_card, start
+from api.services.openai_chat import complete, start
+from api.services.openai_models import list_models, model_card
 from api.services.openai_stream import sse
 from infrastructure.errors import InvalidRequestError
 
@@ -46,7 +47,7 @@ async def chat_completions(body: ChatCompletionRequest, runtime: RuntimeDep, req
     return StreamingResponse(sse(chat, events), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-@router.get("/models", response_model=ModelList, summary="The served model")
+@router.get("/models", response_model=ModelList, summary="The served model and the steering presets")
 async def models(runtime: RuntimeDep) -> ModelList:
     return list_models(runtime)
 

@@ -37,19 +37,24 @@ class GenerateRequest(SamplingFields):
     scalar: float | None = Field(default=None, ge=-1000.0, le=1000.0)
     layer: int | None = Field(default=None, ge=0)
     traits: list[TraitSteer] | None = Field(default=None, min_length=1, description="Several traits at once.")
+    preset: str | None = Field(
+        default=None, min_length=1, max_length=64, description="A steering preset (GET /api/v1/presets), added."
+    )
 
     @model_validator(mode="after")
     def _one_form(self) -> GenerateRequest:
         if self.traits is not None:
             if self.trait is not None or self.scalar is not None or self.layer is not None:
                 raise ValueError("give either trait/scalar/layer or traits, not both")
-        elif self.trait is None or self.scalar is None:
-            raise ValueError("trait and scalar are required (or a traits list)")
+        elif (self.trait is None) != (self.scalar is None) or (self.trait is None and self.preset is None):
+            raise ValueError("trait and scalar are required (or a traits list, or a preset)")
         return self
 
     def steers(self) -> list[TraitSteer]:
         if self.traits is not None:
             return self.traits
+        if self.trait is None:
+            return []  # a preset alone
         return [TraitSteer(trait=self.trait, scalar=self.scalar, layer=self.layer)]
 
 
@@ -72,6 +77,7 @@ class GenerateResponse(StrictModel):
     scalar: float | None
     layer: int | None
     traits: list[AppliedTrait] = Field(default_factory=list)
+    preset: str | None = None
     model: str
     finish_reason: str
     usage: Usage

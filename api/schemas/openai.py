@@ -8,24 +8,28 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from api.schemas.common import StrictModel, Temperature, Usage
+from api.schemas.openai_extras import (
+    ChoiceLogprobs,
+    IgnoredFields,
+    ResponseFormat,
+    StreamOptions,
+    check_stop,
+    stop_strings,
+)
 
-# OpenAI fields this server does not implement: refused with a 400 naming the field, never ignored.
+# OpenAI fields this server does not implement (they would change the answer): refused with a 400 naming the
+# field, never ignored. `logit_bias: {}` and `modalities: ["text"]` ask for nothing and pass.
 UNSUPPORTED_FIELDS = (
     "tools",
     "tool_choice",
     "functions",
     "function_call",
-    "parallel_tool_calls",
     "logit_bias",
-    "top_logprobs",
     "audio",
     "modalities",
     "prediction",
     "reasoning_effort",
     "web_search_options",
-    "service_tier",
-    "store",
-    "metadata",
     "verbosity",
 )
 
@@ -85,48 +89,65 @@ class SteeringIn(StrictModel):
     )
 
 
-class StreamOptions(StrictModel):
-    include_usage: bool = False
+REFUSED_DOC = "Not implemented: only null or an empty value (anything else is a 400 naming the field)."
 
 
-class ResponseFormat(StrictModel):
-    type: Literal["text"]
+class RefusedFields(StrictModel):
+    """OpenAI fields that would change the answer and are not implemented. Declared so that null or an empty
+    value passes the strict schema; `refuse_unsupported` turns anything else into a 400 naming the field."""
+
+    tools: list[Any] | None = Field(default=None, description=REFUSED_DOC)
+    tool_choice: Any = Field(default=None, description=REFUSED_DOC)
+    functions: list[Any] | None = Field(default=None, description=REFUSED_DOC)
+    function_call: Any = Field(default=None, description=REFUSED_DOC)
+    logit_bias: dict[str, float] | None = Field(default=None, description=REFUSED_DOC)
+    audio: Any = Field(default=None, description=REFUSED_DOC)
+    modalities: list[str] | None = Field(default=None, description='Only ["text"].')
+    prediction: Any = Field(default=None, description=REFUSED_DOC)
+    reasoning_effort: Any = Field(default=None, description=REFUSED_DOC)
+    web_search_options: Any = Field(default=None, description=REFUSED_DOC)
+    verbosity: Any = Field(default=None, description=REFUSED_DOC)
 
 
-class ChatCompletionRequest(StrictModel):
+class ChatCompletionRequest(IgnoredFields, RefusedFields):
+    """Every optional field also accepts null, meaning its default."""
+
     model_config = {**StrictModel.model_config, "json_schema_extra": {"examples": [EXAMPLE]}}
 
-    model: str | None = Field(default=None, max_length=300, description="The served model id (GET /v1/models).")
+    model: str | None = Field(
+        default=None, max_length=300, description="The served model id, or a steering preset's name (GET /v1/models)."
+    )
     messages: list[ChatMessageIn] = Field(min_length=1, max_length=1000)
-    n: int = Field(default=1, ge=1, le=64, description="Choices, generated as rows of one batch.")
+    n: int | None = Field(default=None, ge=1, le=64, description="Choices, generated as rows of one batch (default 1).")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings.")
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1, description="Choice i samples with seed + i.")
     temperature: Temperature | None = Field(
         default=None, ge=0.0, le=2.0, description="0 = greedy (default TEMPERATURE)."
     )
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1, description="Wins over max_tokens.")
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
-    logprobs: bool | None = Field(default=None, description="Only false (log-probabilities are not returned).")
-    response_format: ResponseFormat | None = Field(default=None, description='Only {"type": "text"}.')
-    user: str | None = Field(default=None, max_length=256, description="Accepted and ignored.")
-    steering: SteeringIn | None = Field(default=None, description="Extension: steer with traits or raw vectors.")
-    persona_monitoring: bool = Field(default=False, description="Extension: add `assistant_axis` to the answer.")
+    logprobs: bool | None = Field(default=None, description="Return each generated token's log-probability.")
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, description="With logprobs: this many candidates.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="json_object / json_schema: the answer is enforced to follow it while sampling."
+    )
+    steering: SteeringIn | None = Field(
+        default=None, description="Extension: steer with traits or raw vectors (added to a preset's)."
+    )
+    persona_monitoring: bool | None = Field(default=None, description="Extension: add `assistant_axis` to the answer.")
 
     def stop_strings(self) -> tuple[str, ...]:
-        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
-        return tuple(s for s in stops if s)
+        return stop_strings(self.stop)
 
-    @field_validator("stop")
+    @field_validator("stop", mode="before")
     @classmethod
-    def _stops(cls, stop: str | list[str] | None) -> str | list[str] | None:
-        if isinstance(stop, list) and len(stop) > 4:  # a field validator, so the 422 names `stop`
-            raise ValueError("at most 4 strings")
-        return stop
+    def _stops(cls, stop: Any) -> Any:  # before the union, so every `stop` error names `stop`
+        return check_stop(stop)
 
 
 class AxisTurn(BaseModel):
@@ -151,7 +172,7 @@ class Choice(BaseModel):
     index: int
     message: MessageOut
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -179,15 +200,13 @@ class ModelList(BaseModel):
 
 
 def unsupported_field(body: Any) -> str | None:
-    """The first OpenAI field in a raw body that this server refuses (None: none)."""
+    """The first OpenAI field in a raw body that this server refuses (None: none). Empty values that ask
+    for nothing (`tools: []`, `logit_bias: {}`, `modalities: ["text"]`) pass."""
     if not isinstance(body, dict):
         return None
     for name in UNSUPPORTED_FIELDS:
-        if name in body and body[name] is not None:
-            return name
-    if body.get("logprobs") is True:
-        return "logprobs"
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        return "response_format"
+        value = body.get(name)
+        if value is None or value in ([], {}, "none") or (name == "modalities" and value == ["text"]):
+            continue
+        return name
     return None

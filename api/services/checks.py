@@ -11,6 +11,14 @@ from infrastructure.prompting import RenderedPrompt, longest_token_chars, render
 from infrastructure.steering.resolve import ModelShape, steering_value_limit
 
 
+def served_ids(runtime: Serving) -> list[str]:
+    """Every name the served model answers to: its logical and weights ids, and their last path segments."""
+    loaded = runtime.loaded
+    ids = [loaded.model_id, loaded.weights_id]
+    ids += [i.rsplit("/", 1)[-1] for i in ids]
+    return list(dict.fromkeys(ids))
+
+
 def model_shape(runtime: Serving) -> ModelShape:
     loaded = runtime.loaded
     limit = steering_value_limit(loaded.dtype, runtime.settings.max_steering_value)

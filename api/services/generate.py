@@ -6,6 +6,7 @@ from api.schemas.common import Usage
 from api.schemas.generate import AppliedTrait, BaselineRequest, GenerateRequest, GenerateResponse
 from api.services.checks import check_new_tokens, model_shape, render_prompt
 from api.services.ports import Serving
+from api.services.presets import preset_named, preset_steering, steering_refs
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.steering.resolve import VectorRef, resolve_steering
 
@@ -33,6 +34,8 @@ async def run_generate(runtime: Serving, body: BaselineRequest | GenerateRequest
             )
             for i, t in enumerate(steers)
         ]
+        if body.preset is not None:  # after the traits, so `applied` pairs each trait with its op
+            refs += steering_refs(preset_steering(preset_named(runtime, body.preset)), "preset.steering.vectors")
         steering = resolve_steering(
             refs,
             runtime.traits,
@@ -40,7 +43,8 @@ async def run_generate(runtime: Serving, body: BaselineRequest | GenerateRequest
             max_vectors=runtime.settings.max_vectors,
             max_layers=runtime.settings.max_layers,
         )
-        applied = [AppliedTrait(trait=t.trait, scalar=t.scalar, layer=op.site) for t, op in zip(steers, steering.ops)]
+        ops = steering.ops if steering is not None else ()
+        applied = [AppliedTrait(trait=t.trait, scalar=t.scalar, layer=op.site) for t, op in zip(steers, ops)]
     prompt = await render_prompt(runtime, [{"role": "user", "content": body.prompt}])
     job = GenerationJob(
         [RowRequest(prompt.ids, sampling_from(runtime, body), steering)], timeout_s=runtime.settings.request_timeout_s
@@ -53,6 +57,7 @@ async def run_generate(runtime: Serving, body: BaselineRequest | GenerateRequest
         scalar=single.scalar if single else None,
         layer=single.layer if single else None,
         traits=applied,
+        preset=body.preset if isinstance(body, GenerateRequest) else None,
         model=runtime.loaded.model_id,
         finish_reason=done.finish_reason,
         usage=Usage(

@@ -29,8 +29,13 @@ def chunk(chat: PreparedChat, choices: list[dict], **extra: object) -> dict:
     }
 
 
-def _delta(index: int, content: str) -> dict:
-    return {"index": index, "delta": {"content": content}, "finish_reason": None}
+def _delta(chat: PreparedChat, index: int, content: str, pending: list[list]) -> dict:
+    """A content delta; with logprobs, it carries those of the tokens generated since the last delta."""
+    choice = {"index": index, "delta": {"content": content}, "finish_reason": None}
+    if chat.top_logprobs is not None:
+        choice["logprobs"] = chat.logprobs_of(pending[index])
+        pending[index] = []
+    return choice
 
 
 async def chunks(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIterator[dict]:
@@ -38,6 +43,8 @@ async def chunks(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncItera
     n = len(chat.rows)
     holdback = max((len(s) for s in chat.rows[0].sampling.stop), default=1) - 1
     sent = [0] * n
+    pending: list[list] = [[] for _ in range(n)]  # logprobs of tokens not yet sent in a delta
+    seen = [0] * n  # tokens whose logprobs reached `pending`
     done: dict[int, RowFinished] = {}
     yield chunk(
         chat, [{"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None} for i in range(n)]
@@ -46,14 +53,18 @@ async def chunks(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncItera
         if isinstance(event, JobFailed):
             raise event.error
         if isinstance(event, RowToken):
+            if event.logprobs:
+                pending[event.row] += event.logprobs
+                seen[event.row] += len(event.logprobs)
             safe = len(event.text) - holdback
             if safe > sent[event.row]:
-                yield chunk(chat, [_delta(event.row, event.text[sent[event.row] : safe])])
+                yield chunk(chat, [_delta(chat, event.row, event.text[sent[event.row] : safe], pending)])
                 sent[event.row] = safe
         elif isinstance(event, RowFinished):
             done[event.row] = event
-            if len(event.text) > sent[event.row]:
-                yield chunk(chat, [_delta(event.row, event.text[sent[event.row] :])])
+            pending[event.row] += (event.logprobs or [])[seen[event.row] :]
+            if len(event.text) > sent[event.row] or pending[event.row]:
+                yield chunk(chat, [_delta(chat, event.row, event.text[sent[event.row] :], pending)])
             last = chunk(chat, [{"index": event.row, "delta": {}, "finish_reason": event.finish_reason}])
             if chat.monitor and len(done) == n and not chat.include_usage:
                 last.update(axis_fields(chat, done))

@@ -12,6 +12,7 @@ from app.settings import Settings
 from infrastructure.engine.job import Event, GenerationJob, RowFinished
 from infrastructure.model_loader import LoadedModel
 from infrastructure.persona.axis_data import AssistantAxis
+from infrastructure.storage.presets import PresetStore
 from infrastructure.storage.traits import TraitStore
 
 
@@ -40,6 +41,9 @@ class Serving(Protocol):
 
     @property
     def traits(self) -> TraitStore: ...
+
+    @property
+    def presets(self) -> PresetStore: ...
 
     @property
     def axis(self) -> AssistantAxis | None: ...

@@ -9,28 +9,25 @@ from collections.abc import Sequence
 from typing import Any
 
 from api.schemas.steer_wire import SteerKnobs
+from api.services.checks import served_ids
 from api.services.generate import check_new_tokens, model_shape
 from api.services.ports import Serving
+from api.services.presets import find_preset, preset_steering, steering_refs
 from infrastructure.engine.job import SamplingParams, TokenLogprob
 from infrastructure.errors import InvalidRequestError, UnknownModelError
 from infrastructure.steering.resolve import VectorRef, resolve_steering
-from infrastructure.steering.spec import Method, SteeringSpec
+from infrastructure.steering.spec import Method, Positions, SteeringSpec
 
 METHODS = {"SIMPLE_ADDITIVE": Method.ADD, "PROJECTION_CAP": Method.CAP, "ORTHOGONAL_DECOMP": Method.ORTHO}
 _SOURCE = re.compile(r"^(\d+)-(.+)$")
 
 
-def served_ids(runtime: Serving) -> list[str]:
-    """Every name the served model answers to: its logical and weights ids, and their last path segments."""
-    loaded = runtime.loaded
-    ids = [loaded.model_id, loaded.weights_id]
-    ids += [i.rsplit("/", 1)[-1] for i in ids]
-    return list(dict.fromkeys(ids))
-
-
 def check_model(runtime: Serving, requested: str | None) -> None:
-    """A `model` naming the served model (any of its ids, case-insensitively) passes; others are a 404."""
+    """A `model` naming the served model (any of its ids, case-insensitively) or a steering preset (whose
+    vectors then steer the STEERED rows) passes; others are a 404."""
     if requested is None or requested.lower() in {i.lower() for i in served_ids(runtime)}:
+        return
+    if find_preset(runtime, requested) is not None:
         return
     names = ", ".join(repr(i) for i in served_ids(runtime))
     raise UnknownModelError(f"model {requested!r} is not served here; this server serves {names}", "model")
@@ -80,9 +77,14 @@ def vector_refs(body: SteerKnobs) -> list[VectorRef]:
 
 
 def resolve_body_steering(runtime: Serving, body: SteerKnobs, steer_special_tokens: bool) -> SteeringSpec | None:
-    """The request's vectors and features as one SteeringSpec (None when it names none); a STEERED
-    type without any is a 400."""
-    refs = vector_refs(body)
+    """The vectors of the preset `model` names (if any), then the request's vectors and features, as one
+    SteeringSpec (None when there are none); a STEERED type without any is a 400."""
+    preset = find_preset(runtime, body.model)
+    refs, positions = [], Positions.ALL
+    if preset is not None:
+        stored = preset_steering(preset)
+        refs, positions = steering_refs(stored, "model.steering.vectors"), Positions(stored.positions)
+    refs += vector_refs(body)
     if "STEERED" in body.types and not refs:
         raise InvalidRequestError("STEERED needs at least one vector or feature", "vectors")
     if not refs:
@@ -91,6 +93,7 @@ def resolve_body_steering(runtime: Serving, body: SteerKnobs, steer_special_toke
         refs,
         runtime.traits,
         model_shape(runtime),
+        positions=positions,
         steer_special_tokens=steer_special_tokens,
         max_vectors=runtime.settings.max_vectors,
         max_layers=runtime.settings.max_layers,

@@ -27,6 +27,8 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks force output lengths
     n_logprobs: int = 0  # > 0: report the chosen token's logprob and this many top candidates per token
+    prompt_logprobs: int | None = None  # not None: score every prompt token, with this many top candidates
+    grammar: str | None = None  # an llguidance grammar (e.g. a JSON schema) the sampled tokens must follow
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class RowToken:
     delta: str
     text: str  # cumulative
     logprobs: list[TokenLogprob] | None = None  # tokens since the previous RowToken (n_logprobs > 0)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # on a row's first RowToken, when it scored its prompt
 
 
 @dataclass
@@ -69,6 +72,7 @@ class RowFinished:
     prompt_tokens: int
     captures: dict[str, list[float]] = field(default_factory=dict)  # name -> projection per position
     logprobs: list[TokenLogprob] | None = None  # every generated token's (n_logprobs > 0)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token (the first: None), when asked
 
     @property
     def completion_tokens(self) -> int:
@@ -109,6 +113,8 @@ class EventChannel:
             if queued is not None:  # merge into the row's event still waiting
                 token, deltas = queued
                 token.token_id, token.text = event.token_id, event.text
+                if event.logprobs:  # the merged event carries every merged token's logprobs
+                    token.logprobs = [*(token.logprobs or []), *event.logprobs]
                 deltas.append(event.delta)
                 return
             self._waiting[event.row] = (event, [event.delta])

@@ -35,7 +35,7 @@ class LegacyLoop:
             job=job,
             index=index,
             request=request,
-            sampler=RowSampler(request.sampling, vocab, self.loaded.device),
+            sampler=RowSampler(request.sampling, vocab, self.loaded.device, self.tokenizer),
             detok=Detokenizer(self.tokenizer),
             max_new=max(1, min(request.sampling.max_new_tokens, self.context_len - len(request.prompt_ids))),
             eos_ids=self.eos_ids,

@@ -22,6 +22,7 @@ from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowReques
 from infrastructure.engine.kv_cache import KVCacheManager
 from infrastructure.engine.paged_attention import KVPool
 from infrastructure.engine.paged_rows import PagedRow, steering_key
+from infrastructure.engine.prompt_scores import row_scores, split_scored
 from infrastructure.engine.rows import resident
 from infrastructure.engine.runner import ModelRunner, Work
 from infrastructure.engine.sampling import RowSampler, sample
@@ -41,6 +42,7 @@ class Launched:
     prefill: list[PagedRow]
     logits: torch.Tensor | None
     captured: dict
+    scored: list[tuple[PagedRow, int, torch.Tensor]]  # prompt scoring: (row, first position, its logits)
     num_tokens: int
     started: float
 
@@ -171,7 +173,7 @@ class PagedLoop:
             job=job,
             index=index,
             request=request,
-            sampler=RowSampler(request.sampling, int(self.model.config.vocab_size), self.loaded.device),
+            sampler=RowSampler(request.sampling, int(self.model.config.vocab_size), self.loaded.device, self.tokenizer),
             detok=Detokenizer(self.tokenizer),
             max_new=max(0, min(request.sampling.max_new_tokens, self.context_len - len(prompt))),
             eos_ids=self.eos_ids,
@@ -180,7 +182,10 @@ class PagedLoop:
         )
         row.steer_bits = row.steer_mask(prompt, True, self.special_ids)
         self._seq_ids += 1
-        lookup = None if request.captures else (lambda: row.prompt_keys(self.block_size))
+        if request.sampling.prompt_logprobs is not None:
+            row.prompt_logprobs = [None]  # the first token has no context to be scored from
+        cacheable = not request.captures and row.prompt_logprobs is None  # cached positions yield no values
+        lookup = (lambda: row.prompt_keys(self.block_size)) if cacheable else None
         row.seq = Seq(self._seq_ids, prompt, len(prompt), prefix_keys=lookup, payload=row)
         return row
 
@@ -287,13 +292,14 @@ class PagedLoop:
                 self.observers.before_forward("decode")
             tables = self._row_tables(rows)
             logits, captured = self._forward_step(works, tables)
+            logits, scored = split_scored(rows, works, logits)
         except Exception as exc:
             if ahead:
                 raise
             self.stats["failed_batches"] += 1
             self._fail_rows(rows, exc)
             return None
-        return Launched(items, works, prefill, logits, captured, plan.num_tokens, started)
+        return Launched(items, works, prefill, logits, captured, scored, plan.num_tokens, started)
 
     def _collect_step(self, step: Launched) -> None:
         """Sample the step's rows, record and stream their tokens, retire finished rows. When the step only
@@ -304,6 +310,9 @@ class PagedLoop:
             return
         rows = [r for r, _ in items]
         try:
+            for row, position, logits in step.scored:
+                if id(row) in live:
+                    row_scores(row, position, logits)
             samplers = [r.sampler for (r, _), w in zip(step.items, step.works) if w.wants_logits]
             picked = sample(step.logits, samplers) if samplers else []
         except Exception as exc:
@@ -379,7 +388,8 @@ class PagedLoop:
         pos = seq.computed
         ends = pos + n == len(seq.tokens) and row.max_new > 0  # a prefill-only row samples nothing
         steer = row.steer_bits[pos : pos + n]
-        return Work(seq.tokens[pos : pos + n], pos, self._kv.table(seq.seq_id), steer, ends, row.slot)
+        score = row.prompt_logprobs is not None and pos < row.prompt_len - 1  # the chunk holds scored positions
+        return Work(seq.tokens[pos : pos + n], pos, self._kv.table(seq.seq_id), steer, ends, row.slot, score)
 
     def _row_tables(self, rows: list[PagedRow]) -> dict:
         """Per-row steering tables of the step's rows (rebuilt only when the row set changes)."""

@@ -50,6 +50,8 @@ class Row:
     stopped_text: str | None = None  # the text cut before a stop string
     logprobs: list[TokenLogprob] | None = None  # every token's, when the row asks for n_logprobs
     logprobs_sent: int = 0  # how many of them RowTokens already carried
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # prompt scoring: one per prompt token scored so far
+    prompt_sent: bool = False  # a RowToken carried them
 
     @property
     def prompt_len(self) -> int:
@@ -93,6 +95,8 @@ class Row:
         elif params.stop and self._hit_stop():
             self.finish_reason = "stop"
             delta = ""
+        elif self.sampler.constraint is not None and self.sampler.constraint.done:
+            self.finish_reason = "stop"  # the structured output is complete
         elif len(self.generated) >= self.max_new:
             self.finish_reason = "length"
         if not delta:
@@ -100,7 +104,10 @@ class Row:
         fresh = None
         if self.logprobs is not None:
             fresh, self.logprobs_sent = self.logprobs[self.logprobs_sent :], len(self.logprobs)
-        return RowToken(row=self.index, token_id=token_id, delta=delta, text=self.detok.text, logprobs=fresh)
+        event = RowToken(row=self.index, token_id=token_id, delta=delta, text=self.detok.text, logprobs=fresh)
+        if self.prompt_logprobs is not None and not self.prompt_sent:  # a stream can echo the scored prompt first
+            event.prompt_logprobs, self.prompt_sent = self.prompt_logprobs, True
+        return event
 
     def _hit_stop(self) -> bool:
         text = self.detok.text
@@ -121,6 +128,7 @@ class Row:
             prompt_tokens=self.prompt_len,
             captures=self.captured,
             logprobs=list(self.logprobs) if self.logprobs is not None else None,
+            prompt_logprobs=self.prompt_logprobs,
         )
 
 

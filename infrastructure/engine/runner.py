@@ -16,6 +16,7 @@ from dataclasses import dataclass, fields, is_dataclass, replace
 import torch
 
 from infrastructure.engine.paged_attention import KVPool, Span, StepLayout, enable_paged_attention
+from infrastructure.engine.prompt_scores import kept_rows
 from infrastructure.steering.hooks import BatchSteering, HookSet, SiteTable
 
 
@@ -29,6 +30,7 @@ class Work:
     steer: list[bool]  # steering mask bit per token
     wants_logits: bool  # the step feeds this row's last token: it samples next
     slot: int = 0  # the row's block-table slot in the runner (held while it runs)
+    score: bool = False  # keep the logits of every token (prompt scoring, `prompt_scores.py`)
 
 
 def map_tensors(obj, fn):
@@ -161,17 +163,16 @@ class ModelRunner:
         self, works: list[Work], row_tables: dict[int, SiteTable]
     ) -> tuple[torch.Tensor | None, dict[tuple[int, int], torch.Tensor]]:
         """Run one step eagerly. Returns float logits [k,V] of the works that want them (in order; None when
-        no work does) and the captures {(site, slot): [T] float} over the step's flat tokens."""
+        no work does; a scoring work contributes a row per token, see `kept_rows`) and the captures
+        {(site, slot): [T] float} over the step's flat tokens."""
         self.sync_tables(works)
         flat = [[t for w in works for t in w.tokens], [w.position + j for w in works for j in range(len(w.tokens))]]
         flat.append([w.slot for w in works for _ in w.tokens])
         flat.append([i for i, w in enumerate(works) for _ in w.tokens])
         ids, positions, tok_slot, row_of_token = torch.tensor(flat).to(self.device, non_blocking=True)
-        ends, keep = [], 0
-        for w in works:
-            keep += len(w.tokens)
-            if w.wants_logits:
-                ends.append(keep - 1)
+        counts = [len(w.tokens) for w in works]
+        ends, _ = kept_rows(counts, [w.score for w in works], [w.wants_logits for w in works])
+        keep = sum(counts)
         state = BatchSteering(tables=per_token(row_tables, row_of_token), apply=self.steer_fn)
         if state.steers:
             bits = torch.tensor([[b for w in works for b in w.steer]], dtype=torch.bool)

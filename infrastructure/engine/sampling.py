@@ -7,15 +7,17 @@ import random
 
 import torch
 
+from infrastructure.engine.grammar import Constraint, constrain
 from infrastructure.engine.job import SamplingParams, TokenLogprob
 
 
 class RowSampler:
-    """Sampling state of one row: its own generator (same seed => same tokens, whatever the batch)
-    and token counts for frequency / presence penalties."""
+    """Sampling state of one row: its own generator (same seed => same tokens, whatever the batch),
+    token counts for frequency / presence penalties, and its grammar's matcher (structured output)."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device) -> None:
+    def __init__(self, params: SamplingParams, vocab_size: int, device: torch.device, tokenizer=None) -> None:
         self.params = params
+        self.constraint = Constraint(params.grammar, tokenizer) if params.grammar is not None else None
         self.generator: torch.Generator | None = None
         if params.temperature > 0:
             self.generator = torch.Generator(device=device)
@@ -26,6 +28,8 @@ class RowSampler:
             self.counts = torch.zeros(vocab_size, dtype=torch.float32, device=device)
 
     def observe(self, token_id: int) -> None:
+        if self.constraint is not None:
+            self.constraint.consume(token_id)
         if self.counts is not None and token_id < self.counts.shape[0]:
             self.counts[token_id] += 1
 
@@ -63,6 +67,8 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int | None]
         if any(s.counts is not None for s in samplers)
         else logits
     )
+    if any(s.constraint is not None for s in samplers):  # structured output: forbidden tokens -> -inf
+        logits = constrain(logits, [s.constraint for s in samplers])
     broken = unusable_rows(logits)
     chosen = logits.argmax(dim=-1)
     hot = [i for i, s in enumerate(samplers) if s.generator is not None]

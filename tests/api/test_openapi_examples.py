@@ -69,6 +69,7 @@ async def test_every_json_example_succeeds_as_sent(client):
     examples = json_examples(spec)
     paths = {path for path, _ in examples}
     assert {"/api/v1/generate", "/v1/chat/completions", "/api/v1/vectors", "/v1/steer/completion-chat"} <= paths
+    assert {"/v1/completions", "/api/v1/presets"} <= paths
     try:
         answers = await asyncio.gather(*(client.post(path, json=body) for path, body in examples))
         for (path, _), r in zip(examples, answers, strict=True):
@@ -78,6 +79,7 @@ async def test_every_json_example_succeeds_as_sent(client):
         assert registered["layers"] == [15] and registered["origin"] == "registry"
     finally:
         await client.delete("/api/v1/vectors/my-direction")
+        await client.delete("/api/v1/presets/smol-helpful")  # the presets example's: GET /v1/models lists presets
 
 
 async def test_the_registry_example_has_the_served_models_hidden_size(client, loaded_model):
