@@ -5,11 +5,12 @@ stream that fails after it began."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from api.schemas.common import error_body
 from api.services.completion_chat_frames import AxisView, axis_entry, turn_projections
+from api.services.finite import dumps
 from infrastructure.errors import PersonaError
 from infrastructure.persona.axis_data import AssistantAxis
 from infrastructure.prompting import RenderedPrompt
@@ -65,3 +66,18 @@ def stream_error(exc: Exception, log: logging.Logger) -> dict:
         return error_body(exc.type, exc.message, exc.param)
     log.error("stream failed", exc_info=exc)
     return error_body("internal_error", "internal server error")
+
+
+async def sse_frames(stream: AsyncIterator[dict], events: AsyncIterator, log: logging.Logger) -> AsyncIterator[str]:
+    """OpenAI's SSE framing of `stream`'s chunks: `data: {chunk}` frames, then `data: [DONE]`; a failure after
+    the start is one error frame. Leaving early (client gone) closes the event stream, which cancels the job's
+    rows."""
+    try:
+        async for item in stream:
+            yield f"data: {dumps(item)}\n\n"
+    except Exception as exc:
+        yield f"data: {dumps(stream_error(exc, log))}\n\n"
+    finally:
+        await stream.aclose()
+        await events.aclose()
+    yield "data: [DONE]\n\n"

@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from api.services.chat_common import stream_error
-from api.services.finite import dumps
+from api.services.chat_common import sse_frames
 from api.services.openai_completions import PreparedCompletion, logprobs_object, usage_of
 from infrastructure.engine.job import Event, JobFailed, RowFinished, RowToken
 
@@ -95,15 +94,6 @@ async def chunks(prep: PreparedCompletion, events: AsyncIterator[Event]) -> Asyn
         }
 
 
-async def sse(prep: PreparedCompletion, events: AsyncIterator[Event]) -> AsyncIterator[str]:
-    """`data: {chunk}` frames, then `data: [DONE]`; a failure after the start is one error frame."""
-    stream = chunks(prep, events)
-    try:
-        async for item in stream:
-            yield f"data: {dumps(item)}\n\n"
-    except Exception as exc:
-        yield f"data: {dumps(stream_error(exc, log))}\n\n"
-    finally:
-        await stream.aclose()
-        await events.aclose()
-    yield "data: [DONE]\n\n"
+def sse(prep: PreparedCompletion, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+    """`data: {chunk}` frames, then `data: [DONE]` (`chat_common.sse_frames`; closing it cancels the job)."""
+    return sse_frames(chunks(prep, events), events, log)

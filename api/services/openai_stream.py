@@ -10,8 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
-from api.services.chat_common import stream_error
-from api.services.finite import dumps
+from api.services.chat_common import sse_frames
 from api.services.openai_chat import PreparedChat, axis_fields, usage_of
 from infrastructure.engine.job import Event, JobFailed, RowFinished, RowToken
 
@@ -74,16 +73,6 @@ async def chunks(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncItera
         yield chunk(chat, [], usage=usage_of(chat, list(done.values())).model_dump(), **extra)
 
 
-async def sse(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIterator[str]:
-    """`data: {chunk}` frames, then `data: [DONE]`; a failure after the start is one error frame.
-    Leaving early (client gone) closes the event stream, which cancels the job's rows."""
-    stream = chunks(chat, events)
-    try:
-        async for item in stream:
-            yield f"data: {dumps(item)}\n\n"
-    except Exception as exc:
-        yield f"data: {dumps(stream_error(exc, log))}\n\n"
-    finally:
-        await stream.aclose()
-        await events.aclose()
-    yield "data: [DONE]\n\n"
+def sse(chat: PreparedChat, events: AsyncIterator[Event]) -> AsyncIterator[str]:
+    """`data: {chunk}` frames, then `data: [DONE]` (`chat_common.sse_frames`; closing it cancels the job)."""
+    return sse_frames(chunks(chat, events), events, log)
