@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from api.schemas.common import Usage
 from api.schemas.generate import AppliedTrait, BaselineRequest, GenerateRequest, GenerateResponse
-from api.services.checks import check_new_tokens, model_shape, render_prompt
+from api.services.checks import check_new_tokens, render_prompt
 from api.services.ports import Serving
-from api.services.presets import preset_named, preset_steering, steering_refs
+from api.services.presets import preset_named, preset_steering, resolve_refs, steering_refs
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
-from infrastructure.steering.resolve import VectorRef, resolve_steering
+from infrastructure.steering.resolve import VectorRef
 
 
 def sampling_from(runtime: Serving, body: BaselineRequest | GenerateRequest) -> SamplingParams:
@@ -36,13 +36,7 @@ async def run_generate(runtime: Serving, body: BaselineRequest | GenerateRequest
         ]
         if body.preset is not None:  # after the traits, so `applied` pairs each trait with its op
             refs += steering_refs(preset_steering(preset_named(runtime, body.preset)), "preset.steering.vectors")
-        steering = resolve_steering(
-            refs,
-            runtime.traits,
-            model_shape(runtime),
-            max_vectors=runtime.settings.max_vectors,
-            max_layers=runtime.settings.max_layers,
-        )
+        steering = resolve_refs(runtime, refs)
         ops = steering.ops if steering is not None else ()
         applied = [AppliedTrait(trait=t.trait, scalar=t.scalar, layer=op.site) for t, op in zip(steers, ops)]
     prompt = await render_prompt(runtime, [{"role": "user", "content": body.prompt}])

@@ -48,25 +48,18 @@ def find_preset(runtime: Serving, name: str | None) -> Preset | None:
     return runtime.presets.presets.get(name) if name is not None else None
 
 
-def combined_steering(
-    runtime: Serving,
-    steering: SteeringIn | None,
-    preset: Preset | None,
-    prefix: str = "steering.vectors",
-    steer_special_tokens: bool = True,
+def preset_refs(preset: Preset | None) -> tuple[list[VectorRef], Positions]:
+    """A preset's vectors (errors name `model.steering.vectors.i...`) and positions; none for no preset."""
+    if preset is None:
+        return [], Positions.ALL
+    stored = preset_steering(preset)
+    return steering_refs(stored, "model.steering.vectors"), Positions(stored.positions)
+
+
+def resolve_refs(
+    runtime: Serving, refs: list[VectorRef], positions: Positions = Positions.ALL, steer_special_tokens: bool = True
 ) -> SteeringSpec | None:
-    """One SteeringSpec from a preset's vectors (errors name `model.steering.vectors.i...`) followed by the
-    request's own. `positions` is the request's when it sets it, else the preset's."""
-    refs: list[VectorRef] = []
-    positions = Positions.ALL
-    if preset is not None:
-        stored = preset_steering(preset)
-        refs += steering_refs(stored, "model.steering.vectors")
-        positions = Positions(stored.positions)
-    if steering is not None:
-        refs += steering_refs(steering, prefix)
-        if preset is None or "positions" in steering.model_fields_set:
-            positions = Positions(steering.positions)
+    """`refs` resolved against the registry and the served model, within the server's vector and layer limits."""
     s = runtime.settings
     return resolve_steering(
         refs,
@@ -77,6 +70,23 @@ def combined_steering(
         max_vectors=s.max_vectors,
         max_layers=s.max_layers,
     )
+
+
+def combined_steering(
+    runtime: Serving,
+    steering: SteeringIn | None,
+    preset: Preset | None,
+    prefix: str = "steering.vectors",
+    steer_special_tokens: bool = True,
+) -> SteeringSpec | None:
+    """One SteeringSpec from a preset's vectors followed by the request's own. `positions` is the request's
+    when it sets it, else the preset's."""
+    refs, positions = preset_refs(preset)
+    if steering is not None:
+        refs += steering_refs(steering, prefix)
+        if preset is None or "positions" in steering.model_fields_set:
+            positions = Positions(steering.positions)
+    return resolve_refs(runtime, refs, positions, steer_special_tokens)
 
 
 def _out(runtime: Serving, preset: Preset) -> PresetOut:

@@ -9,14 +9,13 @@ from collections.abc import Sequence
 from typing import Any
 
 from api.schemas.steer_wire import SteerKnobs
-from api.services.checks import served_ids
-from api.services.generate import check_new_tokens, model_shape
+from api.services.checks import check_new_tokens, served_ids
 from api.services.ports import Serving
-from api.services.presets import find_preset, preset_steering, steering_refs
+from api.services.presets import find_preset, preset_refs, resolve_refs
 from infrastructure.engine.job import SamplingParams, TokenLogprob
 from infrastructure.errors import InvalidRequestError, UnknownModelError
-from infrastructure.steering.resolve import VectorRef, resolve_steering
-from infrastructure.steering.spec import Method, Positions, SteeringSpec
+from infrastructure.steering.resolve import VectorRef
+from infrastructure.steering.spec import Method, SteeringSpec
 
 METHODS = {"SIMPLE_ADDITIVE": Method.ADD, "PROJECTION_CAP": Method.CAP, "ORTHOGONAL_DECOMP": Method.ORTHO}
 _SOURCE = re.compile(r"^(\d+)-(.+)$")
@@ -79,25 +78,13 @@ def vector_refs(body: SteerKnobs) -> list[VectorRef]:
 def resolve_body_steering(runtime: Serving, body: SteerKnobs, steer_special_tokens: bool) -> SteeringSpec | None:
     """The vectors of the preset `model` names (if any), then the request's vectors and features, as one
     SteeringSpec (None when there are none); a STEERED type without any is a 400."""
-    preset = find_preset(runtime, body.model)
-    refs, positions = [], Positions.ALL
-    if preset is not None:
-        stored = preset_steering(preset)
-        refs, positions = steering_refs(stored, "model.steering.vectors"), Positions(stored.positions)
+    refs, positions = preset_refs(find_preset(runtime, body.model))
     refs += vector_refs(body)
     if "STEERED" in body.types and not refs:
         raise InvalidRequestError("STEERED needs at least one vector or feature", "vectors")
     if not refs:
         return None
-    return resolve_steering(
-        refs,
-        runtime.traits,
-        model_shape(runtime),
-        positions=positions,
-        steer_special_tokens=steer_special_tokens,
-        max_vectors=runtime.settings.max_vectors,
-        max_layers=runtime.settings.max_layers,
-    )
+    return resolve_refs(runtime, refs, positions, steer_special_tokens)
 
 
 def sampling_of(runtime: Serving, body: SteerKnobs) -> SamplingParams:
