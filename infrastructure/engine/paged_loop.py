@@ -15,18 +15,15 @@ from dataclasses import dataclass
 
 import torch
 
-from infrastructure.engine.compiled_step import resolve_compile, set_up, warm_up
 from infrastructure.engine.detok import Detokenizer
-from infrastructure.engine.graphs import DecodeGraphs
-from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest, SamplingParams
-from infrastructure.engine.kv_cache import KVCacheManager
-from infrastructure.engine.paged_attention import KVPool
+from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest
 from infrastructure.engine.paged_rows import PagedRow, steering_key
+from infrastructure.engine.paged_start import PagedStart
 from infrastructure.engine.prompt_scores import row_scores, split_scored
 from infrastructure.engine.rows import resident
-from infrastructure.engine.runner import ModelRunner, Work
+from infrastructure.engine.runner import Work
 from infrastructure.engine.sampling import RowSampler, sample
-from infrastructure.engine.scheduler import Scheduler, Seq
+from infrastructure.engine.scheduler import Seq
 from infrastructure.engine.teacher_forced import run_prefill_only
 from infrastructure.errors import GenerationError, RequestTimeoutError, TokenLimitError
 
@@ -47,80 +44,8 @@ class Launched:
     started: float
 
 
-class PagedLoop:
-    # ---- set-up ----
-
-    def _kv_blocks(self) -> int:
-        """Blocks in the pool: KV_CACHE_TOKENS when set; on CUDA, what the memory fraction leaves free
-        after the weights (minus activation headroom); on the CPU, max_batch_size x min(context, 2048)."""
-        per_token = KVPool.bytes_per_token(self.model, self._kv_dtype)
-        if self.kv_cache_tokens:
-            tokens = self.kv_cache_tokens
-        elif self.loaded.device.type == "cuda":
-            free, total = torch.cuda.mem_get_info(self.loaded.device)
-            headroom = 6 * 1024**3  # activations of a step, sampling, CUDA graphs' memory
-            budget = free - (1 - self.gpu_memory_utilization) * total - headroom
-            tokens = max(int(budget // per_token), self.block_size)
-        else:
-            tokens = self.max_batch_size * min(self.context_len, 2048)
-        return max(1, tokens // self.block_size)
-
-    def _kernel(self) -> str:
-        """PAGED_ATTENTION: auto = flash (bf16/fp16 on CUDA), grouped SDPA (fp32 on CUDA), per-row SDPA (CPU)."""
-        if self.attention != "auto":
-            return self.attention
-        if self.loaded.device.type != "cuda":
-            return "rows"
-        return "flash" if self._kv_dtype in (torch.bfloat16, torch.float16) else "grouped"
-
-    @property
-    def _kv_dtype(self) -> torch.dtype:
-        return self._table_dtype
-
-    def _start_paged(self) -> None:
-        one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
-        mode = resolve_compile(self.compile, self.loaded.device, one_gpu, self.loaded.quantization)
-        started = time.perf_counter()  # fused before the KV pool takes the free memory
-        self.compile_mode, steer = set_up(self.model, mode, self._kv_dtype, self.max_batch_size, self.compile_cache_dir)
-        self.warmup_seconds = time.perf_counter() - started
-        blocks = self._kv_blocks()
-        self.kv_bytes_per_token = KVPool.bytes_per_token(self.model, self._kv_dtype)
-        self.attention_kernel = self._kernel()
-        self.context_len = min(self.context_len, blocks * self.block_size)
-        max_blocks = -(-self.context_len // self.block_size) + 1
-        self._build_runner(blocks, max_blocks)
-        self._runner.steer_fn = steer  # read when a step runs or a graph is captured
-        self._kv = KVCacheManager(blocks, self.block_size, prefix_caching=self.prefix_caching)
-        self._sched = Scheduler(self._kv, self.max_batch_size, self.step_tokens)
-        self._sched.holds = self._reader_behind
-        self._free_slots = list(range(self.max_batch_size - 1, -1, -1))
-        self._live: list[PagedRow] = []
-        self._ahead: Launched | None = None  # the next step, launched before this one's tokens were streamed
-        self.ahead_launches = 0
-        self._seq_ids = 0
-        self._tables_for: tuple[tuple[int, ...], dict] | None = None
-        ids = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)
-        if self.loaded.device.type == "cuda":  # a full step first: kernels chosen, activation memory reserved
-            ids = (ids * (self.step_tokens // len(ids) + 1))[: min(self.step_tokens, self.context_len - 4)]
-        started = time.perf_counter()
-        self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
-        while self._sched.has_work:
-            self._step()
-        self.warmup_seconds += time.perf_counter() - started
-        if self._graphs is not None and self.compile_mode == "on":  # compile + capture every rows bucket now
-            self.warmup_seconds += warm_up(self._graphs, self.max_batch_size)
-
-    def _build_runner(self, blocks: int, max_blocks: int) -> None:
-        """The model runner over `blocks` KV blocks, and CUDA graphs for its decode steps where they apply (one
-        unquantised GPU). A tensor-parallel engine builds the same on every rank (`tensor_parallel.py`)."""
-        self._runner = ModelRunner(
-            self.model, blocks, self.block_size, self._kv_dtype, self.attention_kernel, self.max_batch_size, max_blocks
-        )
-        self._graphs = None
-        one_gpu = self.loaded.device.type == "cuda" and len(set(self.loaded.devices)) == 1
-        # bitsandbytes cannot be captured; AWQ / GPTQ run gptqmodel's Triton kernels, which can (issue 15)
-        if self.cuda_graphs and one_gpu and self.loaded.quantization in ("none", "awq", "gptq"):
-            self._graphs = DecodeGraphs(self._runner, self.max_batch_size, blocks * self.block_size)
+class PagedLoop(PagedStart):
+    # ---- the step's forward (a seam: tensor_parallel.py sends it to the other ranks first) ----
 
     def _forward_step(self, works: list[Work], tables: dict):
         """One step's forward: a replayed CUDA graph when the step suits one, else the runner's eager forward.
