@@ -233,8 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     reference, ok = None, True
     variants = args.tp_steps.split(",") if args.device == "cuda" else ["off"]
     plan = [(args.arch, 1, True, True, None), (args.arch, 2, True, True, None)]
-    plan += [(args.arch, 2, False, False, "off")] if args.eager_row else []
     plan += [(args.big, 2, False, False, None)] if args.big else []
+    plan += [(args.arch, 2, False, False, "off")] if args.eager_row else []
     try:
         for i, (arch, tp, check, many, forced) in enumerate(plan):
             task = spec | {"task": "run", "arch": arch, "tp": tp, "check": check, "many": many}
