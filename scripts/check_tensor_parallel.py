@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import zlib
@@ -216,8 +217,10 @@ def divergences(reference: dict, run: dict, arch: str, tp: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
-    if args.child:
-        return child_main(args.child, {"run": child_run})
+    if args.child:  # its result is written: no interpreter teardown (NCCL destructors) to wait on
+        code = child_main(args.child, {"run": child_run})
+        sys.stdout.flush()
+        os._exit(code)
     from app.settings import Settings
     from infrastructure.embedded import ensure_embedded
 
