@@ -143,7 +143,10 @@ def stage_engine(out: Path, mode: str, tokenizer: str, limit: float, device: str
     from scripts.check_tensor_parallel import RandomShardSource
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    faulthandler.dump_traceback_later(limit - 2, exit=True)
+    from infrastructure.engine.tp_workers import dump_stacks_from_env
+
+    if not dump_stacks_from_env():  # TENSOR_PARALLEL_STACK_DUMP_S: every rank's stacks every N s instead
+        faulthandler.dump_traceback_later(limit - 10, exit=True)  # before the parent's timeout (imports took some)
     dtype = "bfloat16" if device == "cuda" else "float32"  # the CPU: a flow check of this script (gloo)
     source = RandomShardSource("qwen2.5-7b", 2, tokenizer, dtype, device, tiny=device == "cpu")
     options = dict(max_batch_size=4, max_queue=16, kv_cache_tokens=4096, graph_reduce=mode)
@@ -163,6 +166,10 @@ def stage_engine(out: Path, mode: str, tokenizer: str, limit: float, device: str
             done = asyncio.run(engine.collect(GenerationJob([RowRequest(p, greedy) for p in rows])))
             wall = time.perf_counter() - begun
             result[f"rows{len(rows)}"] = {"ids": [f.token_ids for f in done], "tok_s": len(rows) * 32 / wall}
+        from infrastructure.engine.tp_shard import RowParallelLinear
+
+        rows = [m for m in loaded.model.modules() if isinstance(m, RowParallelLinear)]
+        result["fp32_partials"] = bool(rows) and all(m.fp32_partials for m in rows)
         graphs = engine._graphs
         result["captures"] = graphs.captures if graphs else 0
         result["replays"] = graphs.replays if graphs else 0
@@ -181,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"], help="cpu: a flow check of the engine stages")
     p.add_argument("--limit", type=float, default=25.0)
     p.add_argument("--stages", default="comm,off,symm_mem,nccl", help="stages in order (engine modes by name)")
+    p.add_argument("--stage-limit", type=float, default=40.0, help="seconds per stage at most")
     p.add_argument("--budget", type=float, default=100.0, help="seconds for every stage together")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     deadline = time.monotonic() + args.budget
     for stage in args.stages.split(","):
-        left = min(30.0, deadline - time.monotonic())
+        left = min(args.stage_limit, deadline - time.monotonic())
         if left < 8:
             print(f"{stage}: skipped (budget)", flush=True)
             continue
@@ -205,6 +213,16 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{stage}: exit {done.returncode}", flush=True)
             except subprocess.TimeoutExpired:
                 print(f"{stage}: TIMED OUT after {left:.0f} s", flush=True)
+    results = {f.stem.removeprefix("engine-"): json.loads(f.read_text()) for f in args.out.glob("engine-*.json")}
+    reference = results.get("off")
+    for mode, r in results.items():
+        same = {k: r[k]["ids"] == reference[k]["ids"] for k in ("rows1", "rows3")} if reference else {}
+        print(
+            f"{mode}: in force {r['mode_in_force']}, fp32 partials {r.get('fp32_partials')}, {r['captures']} "
+            f"captures, {r['replays']} replays, tok/s {r['rows1']['tok_s']:.0f} / {r['rows3']['tok_s']:.0f}, "
+            f"greedy ids equal to eager TP: {same}",
+            flush=True,
+        )
     return 0
 
 
