@@ -182,7 +182,10 @@ def worker_main(source: ShardSource, rank: int, world: int, port: int, options: 
         with suppress(Exception):
             conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
         os._exit(1)
-    _leave_group(bounded=options["device"] == "cuda")
+    if options["device"] != "cuda":
+        _leave_group(bounded=False)
+    # On GPUs a worker just exits (the driver frees its communicators): its destroy_process_group never returned
+    # within 5 s on 2 x H200 (rank 0 waits for its workers to exit before it leaves the group itself).
     os._exit(0)  # no interpreter teardown (communicator destructors) to wait on
 
 
