@@ -152,7 +152,7 @@ def launch_tensor_parallel(settings, **options) -> tuple[LoadedModel, TensorPara
     """The server's TENSOR_PARALLEL_SIZE > 1 path: every rank loads the configured checkpoint's shard."""
     device = resolve_device(settings.device)
     world, timeout = settings.tensor_parallel_size, settings.tensor_parallel_timeout_s
-    # CUDA graphs under TP with the all-reduce a graph can hold (symmetric memory by default): ProcessGroupNCCL's
-    # all-reduce captured into the step hung on 2 x H200 in issue 16's first runs (TENSOR_PARALLEL_GRAPH_REDUCE)
+    # decode steps replay CUDA graphs under TP, all-reducing through symmetric memory by default (`tp_comm.py`;
+    # NCCL captured in the graph works too on 2 x H200, but that process aborts at exit)
     options["graph_reduce"] = settings.tensor_parallel_graph_reduce
     return start_tensor_parallel(LoaderSource(settings), world, device, timeout, **options)

@@ -83,8 +83,8 @@ def dump_stacks_from_env() -> bool:
 
 
 def _leave_group(bounded: bool, wait: float = 5.0) -> None:
-    """destroy_process_group, but on GPUs in a daemon thread given `wait` s: ncclCommDestroy can block for good
-    once collectives were captured in CUDA graphs (pytorch#115388), and a stopping server must not hang."""
+    """destroy_process_group, but on GPUs in a daemon thread given `wait` s: on 2 x H200 it did not return after
+    NCCL collectives were captured in CUDA graphs (cf. pytorch#115388), and a stopping server must not hang."""
 
     def leave() -> None:
         with suppress(Exception):
