@@ -52,6 +52,12 @@ class Settings(BaseSettings):
         description="GPUs the layers are spread over in one process (accelerate's device_map='balanced'): one GPU "
         "works at a time, so it adds memory, not speed. For models whose shards do not suit tensor parallelism.",
     )
+    tensor_parallel_graph_reduce: Literal["auto", "symm_mem", "nccl", "off"] = Field(
+        default="auto",
+        description="How tensor-parallel decode steps all-reduce on GPUs, and so whether they replay CUDA graphs: "
+        "symm_mem = PyTorch symmetric memory over NVLink/P2P (graphs), nccl = NCCL captured in the graph, off = "
+        "eager steps over NCCL; auto = symm_mem where it sets up, else off.",
+    )
     tensor_parallel_timeout_s: float = Field(
         default=120.0,
         gt=0,

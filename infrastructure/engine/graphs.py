@@ -16,7 +16,9 @@ changing batch run eagerly instead of each costing a capture.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
+import sys
 from collections import Counter
 from dataclasses import dataclass, fields, is_dataclass
 
@@ -84,6 +86,9 @@ class DecodeGraphs:
         # tensor parallelism: "thread_local", so the NCCL watchdog thread's event queries during a capture are
         # not refused (CUDA forbids them from any thread while a "global" capture runs)
         self.capture_error_mode = "global"
+        # tensor parallelism: seconds after which a capture still running dumps every thread's stack to stderr
+        # (the server's log), so a capture stuck in a collective shows where each rank stands
+        self.capture_deadline_s: float | None = None
         self.captures = 0
         self.replays = 0
 
@@ -187,17 +192,23 @@ class DecodeGraphs:
         state = BatchSteering(tables=tables, apply=self.runner.steer_fn)
         mask = self.steer_mask[:, :b] if state.steers else None
         device = self.runner.device
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                state.set_mask(mask)
-                self._forward(b, length, state, split)
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        state.set_mask(mask)
-        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_error_mode):
-            logits = self._forward(b, length, state, split)
+        if self.capture_deadline_s:
+            faulthandler.dump_traceback_later(self.capture_deadline_s, file=sys.stderr)
+        try:
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    state.set_mask(mask)
+                    self._forward(b, length, state, split)
+            torch.cuda.current_stream(device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            state.set_mask(mask)
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode=self.capture_error_mode):
+                logits = self._forward(b, length, state, split)
+        finally:
+            if self.capture_deadline_s:
+                faulthandler.cancel_dump_traceback_later()
         self.captures += 1
         log.info("captured paged decode graph: %d rows, %d key/value slots", b, length)
         return _Graph(graph, logits, state)

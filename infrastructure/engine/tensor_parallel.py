@@ -15,16 +15,19 @@ injection, a row's non-finite logits) still fail only their request.
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from infrastructure.engine.engine import PersonaEngine
 from infrastructure.engine.runner import Work, map_tensors
 from infrastructure.engine.teacher_forced import TeacherForcedJob
-from infrastructure.engine.tp_shard import shard_model, shard_plan
-from infrastructure.engine.tp_workers import ShardSource, TensorParallelGroup
+from infrastructure.engine.tp_comm import set_up_reduce
+from infrastructure.engine.tp_shard import shard_model, shard_plan, use_reducer
+from infrastructure.engine.tp_workers import STACK_DUMP_ENV, ShardSource, TensorParallelGroup
 from infrastructure.errors import InvalidRequestError, ModelLoadError
 from infrastructure.model_loader import LoadedModel, load_model, resolve_device
 
@@ -53,11 +56,12 @@ class LoaderSource:
 
 
 class TensorParallelEngine(PersonaEngine):
-    def __init__(self, loaded: LoadedModel, group: TensorParallelGroup, **options) -> None:
+    def __init__(self, loaded: LoadedModel, group: TensorParallelGroup, graph_reduce: str = "auto", **options) -> None:
         # Every rank must run the same arithmetic on the replicated residual stream, and the workers build plain
         # runners: rank 0 neither fuses nor compiles (COMPILE=off; fused, compiled layers are one-process only).
         options["compile"] = "off"
         super().__init__(loaded, **options)
+        self.graph_reduce = graph_reduce  # TENSOR_PARALLEL_GRAPH_REDUCE; the mode in force once the runner is built
         if self.decode_mode != "paged":
             raise ModelLoadError("TENSOR_PARALLEL_SIZE > 1 runs the paged engine: set DECODE_MODE=paged (or auto)")
         self.tp = group
@@ -76,13 +80,22 @@ class TensorParallelEngine(PersonaEngine):
     # ---- the seams of the paged loop ----
 
     def _build_runner(self, blocks: int, max_blocks: int) -> None:
+        """Build rank 0's runner, have every worker build the same, then agree on the decode steps' all-reduce
+        (`tp_comm.py`; a collective): CUDA graphs under TP only when it is one that a graph can hold."""
         super()._build_runner(blocks, max_blocks)
-        if self._graphs is not None:
-            self._graphs.capture_error_mode = "thread_local"
+        mode = self.graph_reduce if self._graphs is not None else "off"
         shape = dict(blocks=blocks, block_size=self.block_size, dtype=self._kv_dtype, kernel=self.attention_kernel)
-        shape |= dict(max_rows=self.max_batch_size, max_blocks=max_blocks)
+        shape |= dict(max_rows=self.max_batch_size, max_blocks=max_blocks, reduce=mode, deadline=self.tp.timeout_s)
         shape["graphs"] = None if self._graphs is None else self._graphs.split_kv_heads
         self.tp.send(("build", shape))
+        mode, reducer = set_up_reduce(mode, self.model, dist.group.WORLD, self.max_batch_size)
+        use_reducer(self.model, reducer)
+        self.graph_reduce = self.stats["tp_graph_reduce"] = mode  # shown by /status
+        if mode == "off":
+            self._graphs = None
+        elif self._graphs is not None:
+            self._graphs.capture_error_mode = "thread_local"
+            self._graphs.capture_deadline_s = None if os.environ.get(STACK_DUMP_ENV) else self.tp.timeout_s
 
     def _release(self, row) -> None:
         if row.slot is not None:  # the workers' runners forget it before the next step too
@@ -124,7 +137,8 @@ def start_tensor_parallel(
     source: ShardSource, world: int, device: str, timeout_s: float, graph_comm: bool = False, **options
 ) -> tuple[LoadedModel, TensorParallelEngine]:
     """Start the workers, load every rank's shard and build rank 0's engine (not started yet). `graph_comm`:
-    all-reduces captured in CUDA graphs get their own NCCL communicator (see RowParallelLinear)."""
+    all-reduces captured in CUDA graphs get their own NCCL communicator (see RowParallelLinear); `graph_reduce`
+    (an option) is TENSOR_PARALLEL_GRAPH_REDUCE (`tp_comm.py`)."""
     group = TensorParallelGroup(source, world, device, timeout_s, graph_comm)
     try:
         loaded = group.start()
@@ -138,7 +152,7 @@ def launch_tensor_parallel(settings, **options) -> tuple[LoadedModel, TensorPara
     """The server's TENSOR_PARALLEL_SIZE > 1 path: every rank loads the configured checkpoint's shard."""
     device = resolve_device(settings.device)
     world, timeout = settings.tensor_parallel_size, settings.tensor_parallel_timeout_s
-    # Decode steps run eagerly under TP: capturing the all-reducing step as CUDA graphs hung on 2 x H200 in two
-    # runs (both NCCL communicator variants; scripts/check_tensor_parallel), so the server does not try it.
-    options["cuda_graphs"] = False
+    # decode steps replay CUDA graphs under TP, all-reducing through symmetric memory by default (`tp_comm.py`;
+    # NCCL captured in the graph works too on 2 x H200, but that process aborts at exit)
+    options["graph_reduce"] = settings.tensor_parallel_graph_reduce
     return start_tensor_parallel(LoaderSource(settings), world, device, timeout, **options)

@@ -78,19 +78,33 @@ def shard_plan(config, rank: int, world: int) -> ShardPlan:
 class RowParallelLinear(nn.Module):
     """A linear layer holding a slice of the input columns: local matmul, sum over the ranks, then the bias.
     `graph_group`, when set, is the communicator of all-reduces captured into CUDA graphs (eager steps keep
-    `group`), for NCCL builds that cannot mix captured and eager collectives on one communicator."""
+    `group`), for NCCL builds that cannot mix captured and eager collectives on one communicator. `reducer`,
+    when set, sums the tensors it fits (decode steps, eager or captured) through symmetric memory
+    (`tp_comm.py`), alternating its two buffers by `half` (o_proj 0, down_proj 1: consecutive calls differ)."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, half: int = 0) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.in_features, self.out_features = weight.shape[1], weight.shape[0]
-        self.group, self.graph_group = group, None
+        self.group, self.graph_group, self.reducer, self.half = group, None, None, half
+        self.fp32_partials = False  # set by use_fp32_partials
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """This rank's share of x @ W.T; with `fp32_partials`, accumulated and returned in float32."""
+        if not self.fp32_partials:
+            return F.linear(x, self.weight)
+        flat = torch.mm(x.reshape(-1, self.in_features), self.weight.t(), out_dtype=torch.float32)
+        return flat.view(*x.shape[:-1], self.out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight)
-        captured = self.graph_group is not None and x.is_cuda and torch.cuda.is_current_stream_capturing()
-        dist.all_reduce(out, group=self.graph_group if captured else self.group)
+        out = self.partial(x)
+        if self.reducer is not None and self.reducer.fits(out):
+            out = self.reducer(out, self.half)
+        else:
+            captured = self.graph_group is not None and x.is_cuda and torch.cuda.is_current_stream_capturing()
+            dist.all_reduce(out, group=self.graph_group if captured else self.group)
+        out = out.to(x.dtype)
         return out if self.bias is None else out + self.bias
 
 
@@ -99,6 +113,32 @@ def use_graph_group(model: nn.Module, group) -> None:
     for module in model.modules():
         if isinstance(module, RowParallelLinear):
             module.graph_group = group
+
+
+def use_fp32_partials(model: nn.Module) -> bool:
+    """On a half-precision CUDA model, let the row-parallel layers sum float32 partial results, rounded to the
+    model's dtype once after the all-reduce, like one GPU's matmul rounds its float32 accumulator once (summing
+    rounded bf16 partials rounds twice more and moves greedy choices at near ties). Needs torch.mm's
+    `out_dtype` (probed here: every rank gets the same answer). Returns whether it is on."""
+    rows = [m for m in model.modules() if isinstance(m, RowParallelLinear)]
+    weight = rows[0].weight if rows else None
+    if weight is None or not weight.is_cuda or weight.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    try:
+        probe = torch.ones(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        torch.mm(probe, weight.t(), out_dtype=torch.float32)
+    except (RuntimeError, TypeError):
+        return False
+    for module in rows:
+        module.fp32_partials = True
+    return True
+
+
+def use_reducer(model: nn.Module, reducer) -> None:
+    """Sum decode-sized partial results through `reducer` (None: NCCL for all; see RowParallelLinear)."""
+    for module in model.modules():
+        if isinstance(module, RowParallelLinear):
+            module.reducer = reducer
 
 
 class NoLogits(nn.Module):
@@ -116,10 +156,10 @@ def _column(linear: nn.Linear, name: str, start: int, count: int, weight: Weight
     linear.out_features = count
 
 
-def _row(linear: nn.Linear, name: str, start: int, count: int, weight: Weight, group) -> RowParallelLinear:
+def _row(linear: nn.Linear, name: str, start: int, count: int, weight: Weight, group, half: int) -> RowParallelLinear:
     full = weight(f"{name}.weight", linear.weight)
     bias = None if linear.bias is None else weight(f"{name}.bias", linear.bias).clone()
-    return RowParallelLinear(full.narrow(1, start, count).clone(), bias, group)
+    return RowParallelLinear(full.narrow(1, start, count).clone(), bias, group, half)
 
 
 def shard_model(model: nn.Module, plan: ShardPlan, group=None, weight: Weight | None = None) -> None:
@@ -143,10 +183,10 @@ def shard_model(model: nn.Module, plan: ShardPlan, group=None, weight: Weight | 
         _column(attn.q_proj, name(attn.q_proj), q0 * hd, nq * hd, weight)
         _column(attn.k_proj, name(attn.k_proj), k0 * hd, nk * hd, weight)
         _column(attn.v_proj, name(attn.v_proj), k0 * hd, nk * hd, weight)
-        attn.o_proj = _row(attn.o_proj, name(attn.o_proj), q0 * hd, nq * hd, weight, group)
+        attn.o_proj = _row(attn.o_proj, name(attn.o_proj), q0 * hd, nq * hd, weight, group, 0)
         _column(mlp.gate_proj, name(mlp.gate_proj), m0, nm, weight)
         _column(mlp.up_proj, name(mlp.up_proj), m0, nm, weight)
-        mlp.down_proj = _row(mlp.down_proj, name(mlp.down_proj), m0, nm, weight, group)
+        mlp.down_proj = _row(mlp.down_proj, name(mlp.down_proj), m0, nm, weight, group, 1)
         attn.num_key_value_groups = nq // nk
         if hasattr(mlp, "intermediate_size"):
             mlp.intermediate_size = nm

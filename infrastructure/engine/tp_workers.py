@@ -14,6 +14,7 @@ fail after TENSOR_PARALLEL_TIMEOUT_S.
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
 import socket
@@ -69,6 +70,36 @@ def _init(rank: int, world: int, port: int, device: str, timeout_s: float, graph
     return group
 
 
+STACK_DUMP_ENV = "TENSOR_PARALLEL_STACK_DUMP_S"  # diagnosis: every rank dumps its threads' stacks every N s
+
+
+def dump_stacks_from_env() -> bool:
+    """With TENSOR_PARALLEL_STACK_DUMP_S=N set, dump every thread's stack to stderr every N seconds (so a hung
+    run shows where each rank stands; captures then keep no deadline of their own). Returns whether it is on."""
+    seconds = float(os.environ.get(STACK_DUMP_ENV) or 0)
+    if seconds > 0:
+        faulthandler.dump_traceback_later(seconds, repeat=True)
+    return seconds > 0
+
+
+def _leave_group(bounded: bool, wait: float = 5.0) -> None:
+    """destroy_process_group, but on GPUs in a daemon thread given `wait` s: on 2 x H200 it did not return after
+    NCCL collectives were captured in CUDA graphs (cf. pytorch#115388), and a stopping server must not hang."""
+
+    def leave() -> None:
+        with suppress(Exception):
+            dist.destroy_process_group()
+
+    if not bounded:
+        leave()
+        return
+    leaving = threading.Thread(target=leave, name="tp-leave-group", daemon=True)
+    leaving.start()
+    leaving.join(wait)
+    if leaving.is_alive():
+        log.warning("leaving the NCCL process group did not finish in %.0f s; going on without it", wait)
+
+
 def _abort_collectives() -> None:
     """Abort the NCCL communicators, so a rank blocked on a dead peer's collective gets an error, not a hang."""
     with suppress(Exception):
@@ -84,16 +115,26 @@ class Replica:
         self.loaded, self.runner, self.graphs = loaded, None, None
         self.tables: dict = {}
 
-    def build(self, blocks: int, block_size: int, dtype, kernel: str, max_rows: int, max_blocks: int, graphs):
-        """Rank 0's runner shape; `graphs`: None (eager steps) or rank 0's split_kv_heads (CUDA graphs)."""
+    def build(
+        self, blocks: int, block_size: int, dtype, kernel: str, max_rows: int, max_blocks: int, graphs, reduce, deadline
+    ):
+        """Rank 0's runner shape; `graphs`: None (eager steps) or rank 0's split_kv_heads (CUDA graphs); `reduce`:
+        the decode steps' all-reduce, agreed with every rank (`tp_comm.set_up_reduce`, a collective)."""
         from infrastructure.engine.graphs import DecodeGraphs
         from infrastructure.engine.runner import ModelRunner
+        from infrastructure.engine.tp_comm import set_up_reduce
+        from infrastructure.engine.tp_shard import use_reducer
 
         self.runner = ModelRunner(self.loaded.model, blocks, block_size, dtype, kernel, max_rows, max_blocks)
         self.graphs = None
         if graphs is not None:
             self.graphs = DecodeGraphs(self.runner, max_rows, blocks * block_size)
             self.graphs.split_kv_heads, self.graphs.capture_error_mode = graphs, "thread_local"
+            self.graphs.capture_deadline_s = None if os.environ.get(STACK_DUMP_ENV) else deadline
+        mode, reducer = set_up_reduce(reduce, self.loaded.model, dist.group.WORLD, max_rows)
+        use_reducer(self.loaded.model, reducer)
+        if mode == "off":
+            self.graphs = None
 
     def step(self, works: list, fresh: dict | None, key: tuple, forgotten: list[int]) -> None:
         from infrastructure.engine.runner import map_tensors
@@ -130,6 +171,7 @@ def worker_main(source: ShardSource, rank: int, world: int, port: int, options: 
     from infrastructure.engine.tp_shard import use_graph_group
 
     _exit_with_parent(parent)
+    dump_stacks_from_env()
     try:
         graph_group = _init(rank, world, port, **options)
         loaded = source.load(rank, world, dist.group.WORLD)
@@ -140,8 +182,10 @@ def worker_main(source: ShardSource, rank: int, world: int, port: int, options: 
         with suppress(Exception):
             conn.send(("error", f"rank {rank}: {type(exc).__name__}: {exc}"))
         os._exit(1)
-    with suppress(Exception):
-        dist.destroy_process_group()
+    if options["device"] != "cuda":
+        _leave_group(bounded=False)
+    # On GPUs a worker just exits (the driver frees its communicators): its destroy_process_group never returned
+    # within 5 s on 2 x H200 (rank 0 waits for its workers to exit before it leaves the group itself).
     os._exit(0)  # no interpreter teardown (communicator destructors) to wait on
 
 
@@ -249,5 +293,4 @@ class TensorParallelGroup:
         if not collectives_idle and self.device == "cuda" and dist.is_initialized():
             _abort_collectives()  # rank 0's step is stuck in a collective: end it
         elif dist.is_initialized():
-            with suppress(Exception):
-                dist.destroy_process_group()
+            _leave_group(bounded=self.device == "cuda")

@@ -113,6 +113,7 @@ async def test_one_request_through_http_equals_one_process(tp_runtime, client):
         tp = await tp_client.post("/api/v1/generate/baseline", json=GREEDY_PROBE)
         status = (await tp_client.get("/status")).json()
     assert status["engine"]["tensor_parallel_size"] == 2 and status["status"] == "ok"
+    assert status["engine"]["tp_graph_reduce"] == "off"  # the CPU: eager steps, every all-reduce through gloo
     one = await client.post("/api/v1/generate/baseline", json=GREEDY_PROBE)
     assert tp.status_code == one.status_code == 200, tp.text
     assert tp.json() == one.json()
