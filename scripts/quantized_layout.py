@@ -76,6 +76,19 @@ def unpack_awq(tensors: dict[str, torch.Tensor], group: int) -> torch.Tensor:
     return ((codes - zeros) * scales).t().contiguous()
 
 
+def pack_awq_gemv(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AutoAWQ "gemv" tensors: `qweight` [out, in/8] packed along the inputs in natural order, `qzeros` [out, w]
+    and `scales` [out, 8w] with the groups padded to a width of whole words (`w`: AutoAWQ's
+    calculate_zeros_width for group >= 128)."""
+    out_f, groups = zeros.shape
+    width = -(-groups // PACK)
+    padded_zeros = torch.zeros(out_f, width * PACK, dtype=torch.int32, device=zeros.device)
+    padded_zeros[:, :groups] = zeros
+    padded_scales = torch.zeros(out_f, width * PACK, dtype=torch.float16, device=scales.device)
+    padded_scales[:, :groups] = scales
+    return {"qweight": _pack_last(codes), "qzeros": _pack_last(padded_zeros), "scales": padded_scales}
+
+
 def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
     """GPTQ (v1 checkpoint format) tensors from `quantize(..., symmetric=True)`'s output."""
     in_f = codes.shape[1]
