@@ -96,6 +96,11 @@ def model_shapes(model: torch.nn.Module) -> set[tuple[int, int, int]]:
 def settle(model: torch.nn.Module, cache_dir: Path | None, max_rows: int = MAX_ROWS) -> dict:
     """Load the config files for this GPU and fill the model's missing signatures (see the module docstring).
     Returns what was loaded and how many signatures were filled (also logged)."""
+    return settle_shapes(model_shapes(model), cache_dir, max_rows)
+
+
+def settle_shapes(shapes: set[tuple[int, int, int]], cache_dir: Path | None, max_rows: int = MAX_ROWS) -> dict:
+    """`settle` for explicit (N, K, group) shapes."""
     import gemlite
     from gemlite import core
     from gemlite.triton_kernels.utils import get_closest_m
@@ -110,7 +115,6 @@ def settle(model: torch.nn.Module, cache_dir: Path | None, max_rows: int = MAX_R
         files.append(Path(cache_dir) / "gemlite" / f"{slug(name)}.json")
     loaded = [str(f) for f in files if f.is_file() and gemlite.load_config(str(f), print_error=False)]
     buckets = needed(max_rows, get_closest_m, lambda rows: core.get_matmul_type(rows, 4, False))
-    shapes = model_shapes(model)
     filled = fill_missing(core.GEMLITE_TRITON_CONFIG_CACHE, shapes, buckets)
     log.info("GemLite configs for %s: loaded %s; %d signatures of %d shapes filled from the nearest measured ones",
              name, loaded or "none", filled, len(shapes))  # fmt: skip

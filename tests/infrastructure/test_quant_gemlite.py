@@ -146,3 +146,29 @@ def test_kernel_choice_and_loading_backend(monkeypatch):
     assert layout_of("awq", awq | {"version": "GEMV"}) == "awq-gemv" and layout_of("gptq", gptq) == "gptq"
     with pytest.raises(UnsupportedLayout):
         layout_of("awq", awq | {"version": "exllama"})
+
+
+def test_gemlite_configs_fill_every_bucket_from_the_nearest_measured_signature():
+    from infrastructure.gemlite_configs import fill_missing, needed, signature, slug
+
+    kernel_for = lambda rows: "GEMV_REVSPLITK" if rows <= 4 else ("GEMM_SPLITK" if rows < 64 else "GEMM")  # noqa: E731
+    bucket = lambda rows: 1 << (rows - 1).bit_length()  # noqa: E731 - powers of two, as GemLite's lookup starts
+    buckets = needed(128, bucket, kernel_for)
+    assert buckets == {"GEMV_REVSPLITK": [1, 2, 4], "GEMM_SPLITK": [8, 16, 32, 64], "GEMM": [64, 128]}
+    cache = {
+        "GEMV_REVSPLITK": {
+            signature(1, 4096, 4096, 128): {"BLOCK_SIZE_N": 128},
+            signature(1, 28672, 4096, 128): {"n": 1},
+        },
+        "GEMM_SPLITK": {signature(16, 4096, 14336, 128): {"k": 1}, signature(64, 4096, 4096, 128): {"k": 2}},
+        "GEMM": {signature(128, 4096, 4096, 64): {"group": 64}},
+    }
+    shapes = {(8192, 8192, 128), (8192, 28672, 128)}
+    added = fill_missing(cache, shapes, buckets)
+    assert added == 2 * (3 + 4 + 2)
+    assert cache["GEMV_REVSPLITK"][signature(2, 8192, 28672, 128)] == {"BLOCK_SIZE_N": 128}  # nearest K and N
+    assert cache["GEMM_SPLITK"][signature(8, 8192, 28672, 128)] == {"k": 1}  # nearest rows bucket first: 16
+    assert cache["GEMM_SPLITK"][signature(64, 8192, 8192, 128)] == {"k": 2}
+    assert cache["GEMM"][signature(64, 8192, 8192, 128)] == {"group": 64}  # another group when none matches
+    assert fill_missing(cache, shapes, buckets) == 0  # measured and filled signatures are kept
+    assert slug("NVIDIA H200") == "nvidia_h200"
