@@ -42,6 +42,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tune", action="store_true", help="also autotune GemLite on these shapes and rows")
     p.add_argument("--tune-out", type=Path, default=None, help="where the tuned configs go (JSON)")
     p.add_argument("--budget-s", type=float, default=1e9)
+    p.add_argument("--variants", default="", help="GemLite kernels also timed by name, e.g. GEMM_SPLITK,GEMM")
     return p.parse_args(argv)
 
 
@@ -107,13 +108,32 @@ def measure(name: str, n: int, k: int, rows: int, args, lins=None) -> dict:
     error = (lins[0](x).float() - reference).abs().max() / reference.abs().max()
     out["gemlite_rel_error"] = float(error)
     if device == "cuda":
+        from gemlite import core
+        from gemlite.triton_kernels.utils import get_closest_m
         from gptqmodel.quantization.awq.modules.triton.gemm import awq_gemm_triton
 
-        def triton(i: int):
-            w = weights[i % len(weights)]
-            return awq_gemm_triton(x, w["qweight"], w["scales"], w["qzeros"], output_dtype=x.dtype)
+        from infrastructure.gemlite_configs import signature
 
-        out["gptqmodel_triton_us"] = timed(triton, args.reps, device)
+        for kind in filter(None, args.variants.split(",")):  # GemLite's other kernels at this row count
+            if signature(get_closest_m(rows), n, k, GROUP) not in core.GEMLITE_TRITON_CONFIG_CACHE.get(kind, {}):
+                continue  # no settled config: it would autotune
+            try:
+                out[f"gemlite_{kind}_us"] = timed(
+                    lambda i, kind=kind: lins[i % len(lins)].forward_manual(x, kind), args.reps, device
+                )
+                got = lins[0].forward_manual(x, kind).float()
+                out[f"gemlite_{kind}_rel_error"] = float((got - reference).abs().max() / reference.abs().max())
+            except Exception as exc:  # noqa: BLE001 - recorded
+                out[f"gemlite_{kind}_error"] = f"{type(exc).__name__}: {exc}"[:300]
+
+        def triton(i: int):  # the library's default plan on GPUs its rule table lacks: 32x32x32, split-K 8
+            w = weights[i % len(weights)]
+            return awq_gemm_triton(x, w["qweight"], w["scales"], w["qzeros"], 8, output_dtype=x.dtype)
+
+        try:
+            out["gptqmodel_triton_us"] = timed(triton, args.reps, device)
+        except Exception as exc:  # noqa: BLE001 - recorded; the other columns stand
+            out["gptqmodel_triton_error"] = f"{type(exc).__name__}: {exc}"[:300]
         dense = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(max(1, min(4, L2_BYTES // (2 * n * k))))]
         out["fp16_cublas_us"] = timed(lambda i: x @ dense[i % len(dense)].t(), args.reps, device)
     for key in ("gemlite", "gptqmodel_triton"):
