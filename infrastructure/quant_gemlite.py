@@ -33,12 +33,15 @@ from __future__ import annotations
 
 import logging
 import time
+import types
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from infrastructure.gemlite_configs import kernel_for
 
 log = logging.getLogger(__name__)
 
@@ -233,7 +236,14 @@ def build_linear(parts: QuantParts, cls) -> nn.Module:
         W_nbits=BITS, group_size=parts.group, in_features=parts.in_features, out_features=parts.out_features, **kwargs
     )
     linear.pack(parts.codes, parts.scales, parts.zeros, bias=parts.bias, fma_mode=False)
+    if cls is not DequantisedLinear:  # our kernel choice per row count (gemlite_configs.kernel_for)
+        linear.forward = types.MethodType(_routed_forward, linear)
     return linear
+
+
+def _routed_forward(self, x: torch.Tensor) -> torch.Tensor:
+    """GemLite's forward with the kernel `gemlite_configs.kernel_for` picks for this many rows."""
+    return self.forward_manual(x, kernel_for(x.numel() // x.shape[-1]))
 
 
 def convert_model(model: nn.Module, layout: str, cls=None) -> dict[str, int]:

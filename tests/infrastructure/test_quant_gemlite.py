@@ -172,3 +172,25 @@ def test_gemlite_configs_fill_every_bucket_from_the_nearest_measured_signature()
     assert cache["GEMM"][signature(64, 8192, 8192, 128)] == {"group": 64}  # another group when none matches
     assert fill_missing(cache, shapes, buckets) == 0  # measured and filled signatures are kept
     assert slug("NVIDIA H200") == "nvidia_h200"
+
+
+def test_configs_are_fitted_to_k_and_64_rows_run_split_k():
+    from infrastructure.gemlite_configs import fit_k, kernel_for, signature
+
+    cache = {
+        "GEMM_SPLITK": {signature(16, 1024, 256, 128): {"BLOCK_SIZE_K": 128, "SPLIT_K": 4},  # 512 > K: past the end
+                        signature(16, 8192, 8192, 128): {"BLOCK_SIZE_K": 128, "SPLIT_K": 8},  # tiles 8192 already
+                        signature(16, 4096, 3584, 128): {"BLOCK_SIZE_K": 128, "SPLIT_K": 8}},  # 3584 = 7 x 512
+        "GEMV_REVSPLITK": {signature(1, 1024, 256, 128): {"BLOCK_SIZE_K": 256}},
+        "GEMM": {signature(64, 1024, 96 * 4, 128): {"BLOCK_SIZE_K": 256}, signature(64, 9, 9, 128): {"x": 1}},
+    }  # fmt: skip
+    shapes = {(1024, 256, 128), (8192, 8192, 128), (4096, 3584, 128), (1024, 384, 128)}
+    assert fit_k(cache, shapes) == 4
+    assert cache["GEMM_SPLITK"][signature(16, 1024, 256, 128)] == {"BLOCK_SIZE_K": 128, "SPLIT_K": 2}
+    assert cache["GEMM_SPLITK"][signature(16, 8192, 8192, 128)] == {"BLOCK_SIZE_K": 128, "SPLIT_K": 8}
+    assert cache["GEMM_SPLITK"][signature(16, 4096, 3584, 128)] == {"BLOCK_SIZE_K": 128, "SPLIT_K": 4}
+    assert cache["GEMV_REVSPLITK"][signature(1, 1024, 256, 128)] == {"BLOCK_SIZE_K": 128}  # two halves of K
+    assert cache["GEMM"][signature(64, 1024, 384, 128)] == {"BLOCK_SIZE_K": 128}
+    assert [kernel_for(rows) for rows in (1, 4, 5, 63, 64, 65)] == ["GEMV_REVSPLITK"] * 2 + ["GEMM_SPLITK"] * 3 + [
+        "GEMM"
+    ]
