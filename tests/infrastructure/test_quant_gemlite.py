@@ -112,11 +112,13 @@ def test_convert_model_repacks_merges_and_matches_the_dequantised_model():
                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
             for name in names:
                 setattr(owner, name, _FakeAwq(getattr(owner, name)))
+    model.model.layers[1].mlp.register_forward_hook(lambda *args: None)  # a hooked layer is not fused
     ids = torch.tensor([[1, 20, 33, 120, 7, 99]])
     with torch.no_grad():
         before = model(ids).logits
     counts = convert_model(model, "awq-gemm", DequantisedLinear)
-    assert counts == {"modules": 8, "fused_layers": 2, "replaced": 14}  # 4 per layer instead of 7
+    assert counts == {"modules": 4 + 7, "fused_layers": 1, "replaced": 14}  # fused: 4 modules instead of 7
+    assert isinstance(model.model.layers[1].self_attn.q_proj, DequantisedLinear)  # unfused: one for one
     layer = model.model.layers[0]
     assert getattr(layer, FUSED_MARK) is not None and not hasattr(layer.self_attn, "q_proj")
     assert isinstance(layer.self_attn.qkv_proj, DequantisedLinear) and layer.self_attn.qkv_proj.out_features == 512
