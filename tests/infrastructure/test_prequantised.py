@@ -145,3 +145,26 @@ def test_missing_kernel_library_and_double_quantisation_are_clear_load_errors(ti
     with pytest.raises(ModelLoadError) as caught:
         load_model(Settings(_env_file=None, model_name=folder, device="cpu"))
     assert "gptqmodel" in str(caught.value) and "QUANTIZATION=bnb-4bit" in str(caught.value)
+
+
+def test_awq_gemv_checkpoint_repacks_for_gemlite_exactly(tmp_path, monkeypatch, tiny_checkpoints):
+    """AutoAWQ's "gemv" layout loads onto gptqmodel's GEMV module (CUDA-only in gptqmodel because its kernel is:
+    allowed on the CPU here, where it never runs) and is repacked before any forward: the same logits as the
+    checkpoint dequantised into a plain model."""
+    from gptqmodel.models._const import DEVICE
+    from gptqmodel.nn_modules.qlinear.gemv_awq import AwqGEMVLinear
+    from transformers import AutoTokenizer
+
+    from infrastructure.quant_gemlite import DequantisedLinear
+
+    monkeypatch.setattr(AwqGEMVLinear, "SUPPORTS_DEVICES", [DEVICE.ALL])
+    folder = tmp_path / "gemv"
+    build("awq-gemv", "tiny-llama", folder, tokenizer=AutoTokenizer.from_pretrained(tiny_checkpoints["awq"]["dir"]))
+    quant = load_model(Settings(_env_file=None, model_name=str(folder), device="cpu", quant_kernel="gemlite"))
+    assert quant.quant_kernel == "gemlite"
+    assert isinstance(quant.model.model.layers[0].mlp.gate_up_proj, DequantisedLinear)
+    plain = _plain_twin(quant, folder)
+    ids = torch.tensor([[1, 520, 3300, 1200, 77, 9000, 431, 12, 4000, 2]])
+    with torch.no_grad():
+        a, b = quant.model(ids).logits, plain.model(ids).logits
+    assert b.abs().max() > 0.5 and (a - b).abs().max() < 1e-5 * b.abs().max()
