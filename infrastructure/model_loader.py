@@ -13,7 +13,7 @@ from torch import nn
 
 from infrastructure.embedded import EMBEDDED_MODEL_ID, ensure_embedded
 from infrastructure.errors import ModelLoadError
-from infrastructure.prequantised import PREQUANTISED, prequantised_dtype, prequantised_kwargs
+from infrastructure.prequantised import PREQUANTISED, prequantised_dtype, prequantised_kwargs, resolve_kernel
 from infrastructure.quant_tiles import register_awq_tiles
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,7 @@ class LoadedModel:
     dtype: torch.dtype
     quantization: str
     load_seconds: float
+    quant_kernel: str = ""  # AWQ / GPTQ: the 4-bit kernel in use (QUANT_KERNEL resolved), e.g. gemlite
 
     @property
     def hidden_size(self) -> int:
@@ -156,10 +157,12 @@ def _quantization(settings: LoadConfig, kwargs: dict, dtype: torch.dtype) -> tup
             device = resolve_device(settings.device)
             kernel = getattr(settings, "quant_kernel", "auto")
             try:
+                kernel = resolve_kernel(str(method), config_q, device, kernel)
                 qkwargs = prequantised_kwargs(str(method), config_q, device, kernel)
             except ValueError as exc:
                 raise ModelLoadError(str(exc)) from exc
-            return str(method), qkwargs | {"dtype": prequantised_dtype(str(method), device, dtype)}
+            qkwargs |= {"dtype": prequantised_dtype(str(method), device, dtype), "kernel": kernel}
+            return str(method), qkwargs | {"config_q": config_q}
         return str(method), {}
     if settings.quantization == "bnb-8bit":
         return "bnb-8bit", {"quantization_config": BitsAndBytesConfig(load_in_8bit=True)}
@@ -168,6 +171,21 @@ def _quantization(settings: LoadConfig, kwargs: dict, dtype: torch.dtype) -> tup
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
         return "bnb-4bit", {"quantization_config": q}
     return "none", {}
+
+
+def _to_gemlite(model: nn.Module, method: str, config_q, device: str, cache_dir: Path) -> None:
+    """Repack the loaded 4-bit modules for GemLite (`infrastructure/quant_gemlite.py`; on the CPU its dequantised
+    stand-in) and, on a GPU, settle its kernel configs (`infrastructure/gemlite_configs.py`)."""
+    from infrastructure.quant_gemlite import DequantisedLinear, UnsupportedLayout, convert_model, layout_of
+
+    try:
+        convert_model(model, layout_of(method, config_q), None if device == "cuda" else DequantisedLinear)
+    except UnsupportedLayout as exc:
+        raise ModelLoadError(f"QUANT_KERNEL=gemlite: {exc}") from exc
+    if device == "cuda":
+        from infrastructure.gemlite_configs import settle
+
+        settle(model, cache_dir)
 
 
 def load_model(settings: LoadConfig, placement: dict | None = None) -> LoadedModel:
@@ -186,6 +204,7 @@ def load_model(settings: LoadConfig, placement: dict | None = None) -> LoadedMod
     try:
         quantization, qkwargs = _quantization(settings, kwargs, dtype)
         dtype = qkwargs.pop("dtype", dtype)
+        kernel, config_q = qkwargs.pop("kernel", ""), qkwargs.pop("config_q", None)
         tokenizer = AutoTokenizer.from_pretrained(**kwargs)
         model = AutoModelForCausalLM.from_pretrained(
             **kwargs, dtype=dtype, **(placement or _placement(settings, device)), **qkwargs
@@ -197,7 +216,9 @@ def load_model(settings: LoadConfig, placement: dict | None = None) -> LoadedMod
         raise ModelLoadError(f"cannot load {weights_id}: {exc}. {QUANTISED_HINT}") from exc
     model.eval()
     model.requires_grad_(False)
-    if quantization == "awq":  # this GPU's measured Triton tile plans, before the engine warms its kernels
+    if kernel == "gemlite":  # repacked for GemLite's kernels, their configs settled before any warm-up
+        _to_gemlite(model, quantization, config_q, device, settings.model_cache_dir)
+    elif quantization == "awq":  # this GPU's measured Triton tile plans, before the engine warms its kernels
         register_awq_tiles(model, model.get_input_embeddings().weight.device)
     devices = sorted({str(p.device) for p in model.parameters()})
     loaded = LoadedModel(
@@ -211,6 +232,7 @@ def load_model(settings: LoadConfig, placement: dict | None = None) -> LoadedMod
         dtype=dtype,
         quantization=quantization,
         load_seconds=time.perf_counter() - started,
+        quant_kernel=kernel,
     )
     log.info("loaded %s (%s) on %s in %.1fs", weights_id, source, devices, loaded.load_seconds)
     return loaded

@@ -11,6 +11,11 @@ through `optimum`. The library picks a kernel per device unless told; we tell it
   first use, for minutes).
 * CPU: the library's choice, the `aten` int4 kernels torch ships (`_weight_int4pack_mm_for_cpu`).
 
+On CUDA with GemLite importable, `auto` goes further: the checkpoint loads onto gptqmodel's Triton (AWQ "gemv":
+GEMV) modules, which never run, and `infrastructure/quant_gemlite.py` repacks every one for GemLite's
+kernels (several times faster at one decode row); act-order GPTQ and non-4-bit checkpoints stay on Triton.
+`QUANT_KERNEL=gemlite` asks for it explicitly (on the CPU: the same repacking, dequantised; for tests).
+
 Both kernels compute in float16 on a GPU: the model's dtype is float16 there (AWQ's quantizer casts
 bfloat16 to float16 anyway), so the steering tables, which follow the model's dtype, are float16 too.
 The residual stream stays a plain float16 tensor between layers: steering, capping and capture act on it
@@ -53,15 +58,44 @@ def prequantised_dtype(method: str, device: str, dtype: torch.dtype) -> torch.dt
     return dtype
 
 
+def resolve_kernel(method: str, config_q: Any, device: str, kernel: str) -> str:
+    """QUANT_KERNEL=auto: gemlite on CUDA where GemLite imports and takes the checkpoint, else triton on CUDA
+    and the library's pick on the CPU; explicit values are kept."""
+    if kernel != "auto":
+        return kernel
+    if device != "cuda":
+        return "library"
+    from infrastructure.quant_gemlite import UnsupportedLayout, gemlite_available, layout_of
+
+    values = dict(config_q) if isinstance(config_q, dict) else config_q.to_dict()
+    try:
+        layout_of(method, values)
+    except UnsupportedLayout:
+        return "triton"
+    if method == "gptq" and values.get("desc_act"):
+        return "triton"
+    return "gemlite" if gemlite_available() else "triton"
+
+
+def _loading_backend(method: str, config_q: Any, device: str) -> str:
+    """The gptqmodel backend a checkpoint loads onto before GemLite repacks it (its layout's own module)."""
+    from infrastructure.quant_gemlite import layout_of
+
+    if layout_of(method, config_q) == "awq-gemv":
+        return "gemv"
+    return KERNELS[(method, "triton" if device == "cuda" else "torch")]
+
+
 def prequantised_kwargs(method: str, config_q: Any, device: str, kernel: str = "auto") -> dict[str, Any]:
     """from_pretrained kwargs for an AWQ / GPTQ checkpoint: its own quantization config with the kernel chosen."""
     from transformers import AwqConfig, GPTQConfig
 
     _keep_allocator_settings()
     values = dict(config_q) if isinstance(config_q, dict) else config_q.to_dict()
-    if kernel == "auto":
-        kernel = "triton" if device == "cuda" else "library"
-    if kernel != "library":
+    kernel = resolve_kernel(method, values, device, kernel)
+    if kernel == "gemlite":
+        values["backend"] = _loading_backend(method, values, device)
+    elif kernel != "library":
         if (method, kernel) not in KERNELS:
             raise ValueError(f"QUANT_KERNEL={kernel} is not available for {method} checkpoints")
         values["backend"] = KERNELS[(method, kernel)]

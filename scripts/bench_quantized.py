@@ -59,6 +59,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--row", default=None, help=argparse.SUPPRESS)  # the child process of one row
     p.add_argument("--no-graphs", action="store_true", help="paged engine without CUDA graphs")
     p.add_argument("--tokenizer", type=Path, default=None, help="tokenizer folder (default: the embedded model's)")
+    p.add_argument(
+        "--quant-kernel", default="auto", help="QUANT_KERNEL for the awq / gptq rows (auto: GemLite on CUDA)"
+    )
     return p.parse_args(argv)
 
 
@@ -170,6 +173,7 @@ def measure_row(arch: str, fmt: str, args: argparse.Namespace, tokenizer, report
     logical = SEED_IDS.get((arch, fmt), f"synthetic/{arch}-{fmt}")
     quantization = "bnb-4bit" if fmt == "bnb-4bit" else "none"
     fields = dict(override_model_id=str(folder), model_id=logical, device=args.device, quantization=quantization)
+    fields["quant_kernel"] = args.quant_kernel
     config = json.loads((folder / "config.json").read_text())
     layer = config["num_hidden_layers"] // 2  # 40 of the 70B's 80: seed 000's hook and axis layer
     persona = axis_folder(args.work / "persona", logical, config["hidden_size"], layer)
@@ -179,7 +183,9 @@ def measure_row(arch: str, fmt: str, args: argparse.Namespace, tokenizer, report
     tensors = [*loaded.model.parameters(), *loaded.model.buffers()]  # 4-bit modules keep their weights in buffers
     row["model_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
     row["kernel"] = type(loaded.model.model.layers[0].mlp.down_proj).__name__
-    if fmt == "awq" and args.device == "cuda":  # the tile plans infrastructure.quant_tiles registered at load
+    row["quant_kernel"] = loaded.quant_kernel
+    # the tile plans infrastructure.quant_tiles registered at load (gptqmodel's Triton kernel only)
+    if fmt == "awq" and args.device == "cuda" and loaded.quant_kernel != "gemlite":
         from infrastructure.quant_tiles import awq_shapes, load_table, plans_for, shape_key
 
         name, table = torch.cuda.get_device_name(0), load_table()
@@ -193,6 +199,7 @@ def measure_row(arch: str, fmt: str, args: argparse.Namespace, tokenizer, report
     started = time.perf_counter()
     engine = start_engine(loaded, spec)
     row["engine_start_s"] = time.perf_counter() - started
+    row["engine_warmup_s"] = getattr(engine, "warmup_seconds", None)  # incl. every decode bucket's capture
     save()
     try:
         runtime = Runtime(settings, owns_engine=False)

@@ -3,9 +3,10 @@
     python -m scripts.make_quantized_checkpoint --format awq --arch tiny-llama --out /tmp/tiny-awq
     python -m scripts.make_quantized_checkpoint --format gptq --arch qwen2.5-7b --device cuda --out /data/q7b-gptq
     python -m scripts.make_quantized_checkpoint --format awq --arch llama-3.3-70b --device cuda --out /data/l70b-awq
+    python -m scripts.make_quantized_checkpoint --format awq-gemv --arch tiny-llama --out /tmp/tiny-awq-gemv
 
 The folder holds what AutoAWQ / GPTQModel write: config.json with the real architecture and the
-`quantization_config` those tools write (4 bits, group 128; AWQ "gemm" with zero points, GPTQ
+`quantization_config` those tools write (4 bits, group 128; AWQ "gemm" (or "gemv": awq-gemv) with zero points, GPTQ
 symmetric without act-order, v1 checkpoint format), one safetensors shard per decoder layer plus
 one for the embeddings, final norm and lm_head (float16, not quantised, as both tools leave them),
 model.safetensors.index.json, and the embedded SmolLM2 tokenizer (every arch's vocabulary is larger;
@@ -28,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from scripts.bench_archs import arch_config
-from scripts.quantized_layout import pack_awq, pack_gptq, quantize
+from scripts.quantized_layout import pack_awq, pack_awq_gemv, pack_gptq, quantize
 
 GROUP = 128
 STD = 0.02
@@ -47,8 +48,9 @@ def build_config(arch: str, layers: int | None):
 
 def quantization_config(fmt: str) -> dict[str, Any]:
     """The `quantization_config` entry of config.json as AutoAWQ (gemm) and GPTQModel (gptq v1) write it."""
-    if fmt == "awq":
-        return {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": "gemm"} | {
+    if fmt in ("awq", "awq-gemv"):
+        version = "gemv" if fmt == "awq-gemv" else "gemm"
+        return {"quant_method": "awq", "bits": 4, "group_size": GROUP, "zero_point": True, "version": version} | {
             "modules_to_not_convert": None
         }
     return {
@@ -93,7 +95,10 @@ def layer_tensors(config, fmt: str, layer: int, device: str, seed: int) -> dict[
     prefix, out = f"model.layers.{layer}.", {}
     for name, (out_f, in_f, bias) in linear_shapes(config).items():
         codes, zeros, scales = quantize(_normal((out_f, in_f), gen, device), GROUP, symmetric=fmt == "gptq")
-        packed = pack_awq(codes, zeros, scales) if fmt == "awq" else pack_gptq(codes, zeros, scales, GROUP)
+        if fmt == "gptq":
+            packed = pack_gptq(codes, zeros, scales, GROUP)
+        else:
+            packed = (pack_awq_gemv if fmt == "awq-gemv" else pack_awq)(codes, zeros, scales)
         if bias:
             packed["bias"] = _normal((out_f,), gen, device).half()
         out |= {f"{prefix}{name}.{key}": value for key, value in packed.items()}
@@ -173,7 +178,7 @@ def build(
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--format", choices=("awq", "gptq"), required=True)
+    p.add_argument("--format", choices=("awq", "awq-gemv", "gptq"), required=True)
     p.add_argument("--arch", choices=ARCH_NAMES, required=True)
     p.add_argument("--layers", type=int, default=None, help="decoder layers (default: the arch's own)")
     p.add_argument("--out", type=Path, required=True)

@@ -76,6 +76,28 @@ def unpack_awq(tensors: dict[str, torch.Tensor], group: int) -> torch.Tensor:
     return ((codes - zeros) * scales).t().contiguous()
 
 
+def pack_awq_gemv(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor) -> dict[str, torch.Tensor]:
+    """AutoAWQ "gemv" tensors: `qweight` [out, in/8] packed along the inputs in natural order, `qzeros` [out, w]
+    and `scales` [out, 8w] with the groups padded to a width of whole words (`w`: AutoAWQ's
+    calculate_zeros_width for group >= 128)."""
+    out_f, groups = zeros.shape
+    width = -(-groups // PACK)
+    padded_zeros = torch.zeros(out_f, width * PACK, dtype=torch.int32, device=zeros.device)
+    padded_zeros[:, :groups] = zeros
+    padded_scales = torch.zeros(out_f, width * PACK, dtype=torch.float16, device=scales.device)
+    padded_scales[:, :groups] = scales
+    return {"qweight": _pack_last(codes), "qzeros": _pack_last(padded_zeros), "scales": padded_scales}
+
+
+def unpack_awq_gemv(tensors: dict[str, torch.Tensor], group: int) -> torch.Tensor:
+    """The dequantised [out, in] float32 weight of an AWQ GEMV Linear (padding groups dropped)."""
+    codes = _unpack_last(tensors["qweight"]).float()  # [out, in]
+    groups = codes.shape[1] // group
+    zeros = _unpack_last(tensors["qzeros"])[:, :groups].float().repeat_interleave(group, 1)
+    scales = tensors["scales"][:, :groups].float().repeat_interleave(group, 1)
+    return (codes - zeros) * scales
+
+
 def pack_gptq(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor, group: int) -> dict[str, torch.Tensor]:
     """GPTQ (v1 checkpoint format) tensors from `quantize(..., symmetric=True)`'s output."""
     in_f = codes.shape[1]
@@ -118,7 +140,9 @@ def dequantised_state_dict(folder) -> dict[str, torch.Tensor]:
             for part in ("qweight", "qzeros", "scales", "g_idx")
             if f"{name}.{part}" in tensors
         }
-        if q["quant_method"] == "awq":
+        if q["quant_method"] == "awq" and str(q.get("version", "gemm")).lower() == "gemv":
+            out[f"{name}.weight"] = unpack_awq_gemv(parts, q["group_size"])
+        elif q["quant_method"] == "awq":
             out[f"{name}.weight"] = unpack_awq(parts, q["group_size"])
         else:
             out[f"{name}.weight"] = unpack_gptq(parts)

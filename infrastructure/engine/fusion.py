@@ -14,9 +14,10 @@ sharding: it merges whatever plain `nn.Linear` projections it finds, e.g. a rank
 
 Steering is untouched: hooks sit on the decoder layers' outputs (and the embeddings), whose module
 calls are unchanged. Layers that do not fit (quantised or wrapped projections, hooks on a projection,
-another norm or activation, Qwen3-style q/k norms) are left as they are. Checkpoints load unchanged:
-fusion happens on the loaded model, never in the weights on disk. Not preserved: transformers'
-`output_attentions` recording on the attention modules (this project never asks for it).
+another norm or activation, Qwen3-style q/k norms) are left as they are; AWQ / GPTQ layers repacked for
+GemLite are fused at load by `infrastructure/quant_gemlite.py` with merged 4-bit modules (`project`).
+Checkpoints load unchanged: fusion happens on the loaded model, never in the weights on disk. Not
+preserved: transformers' `output_attentions` recording on the attention modules (this project never asks for it).
 """
 
 from __future__ import annotations
@@ -51,10 +52,16 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def project(x: torch.Tensor, weight, bias) -> torch.Tensor:
+    """A merged projection: F.linear for plain weights; a 4-bit module (`weight` is the module itself, e.g.
+    GemLite's, `infrastructure/quant_gemlite.py`) computes its own product and bias."""
+    return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else weight(x)
+
+
 def attention_inputs(hidden, norm_w, eps: float, qkv_w, qkv_b, cos, sin, sizes: list[int], head_dim: int):
     """hidden [B,T,H] -> query [B,heads,T,d], key and value [B,kv_heads,T,d], rotary applied to q and k."""
     x = rms_norm(hidden, norm_w, eps)
-    q, k, v = F.linear(x, qkv_w, qkv_b).split(sizes, dim=-1)
+    q, k, v = project(x, qkv_w, qkv_b).split(sizes, dim=-1)
     shape = (*hidden.shape[:-1], -1, head_dim)
     q, k, v = (t.reshape(shape) for t in (q, k, v))  # [B,T,heads,d]: rotary in token-major memory, so the
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # paged kernels' [T,heads,d] views need no copy
@@ -64,9 +71,9 @@ def attention_inputs(hidden, norm_w, eps: float, qkv_w, qkv_b, cos, sin, sizes: 
 
 def attention_output_and_mlp(attn, residual, o_w, o_b, norm_w, eps: float, gate_up_w, gate_up_b, down_w, down_b):
     """The rest of a layer after attention: attn [B,T,heads*d], residual [B,T,H] -> the layer's output."""
-    h = residual + F.linear(attn, o_w, o_b)
-    gate, up = F.linear(rms_norm(h, norm_w, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
-    return h + F.linear(F.silu(gate) * up, down_w, down_b)
+    h = residual + project(attn, o_w, o_b)
+    gate, up = project(rms_norm(h, norm_w, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
+    return h + project(F.silu(gate) * up, down_w, down_b)
 
 
 @dataclass
@@ -92,8 +99,9 @@ def _no_hooks(m: nn.Module) -> bool:
     return not (m._forward_hooks or m._forward_pre_hooks)
 
 
-def fusable(layer: nn.Module) -> bool:
-    """Whether a decoder layer has the structure the fused forward reproduces exactly."""
+def fusable(layer: nn.Module, linear_ok=_plain) -> bool:
+    """Whether a decoder layer has the structure the fused forward reproduces exactly (`linear_ok`: which
+    projection modules it can merge; plain Linears by default)."""
     if type(layer).__name__ not in LAYER_TYPES or getattr(layer, FUSED_MARK, None) is not None:
         return False
     attn, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
@@ -101,9 +109,9 @@ def fusable(layer: nn.Module) -> bool:
         return False
     if any("forward" in vars(m) for m in (layer, attn, mlp)):  # a forward replaced by other code (e.g. a
         return False  # tensor-parallel all-reduce): the fused forward would bypass it
-    if not all(_plain(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    if not all(linear_ok(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
         return False
-    if not all(_plain(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")):
+    if not all(linear_ok(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")):
         return False
     if getattr(getattr(mlp, "config", None), "hidden_act", None) != "silu" or not _no_hooks(mlp.act_fn):
         return False
@@ -127,11 +135,12 @@ def merge_linears(parts: list[nn.Linear]) -> nn.Linear:
     return merged
 
 
-def _fuse_layer(layer: nn.Module, pre, post) -> None:
+def _fuse_layer(layer: nn.Module, pre, post, merge=merge_linears) -> None:
+    """Merge q/k/v and gate/up with `merge` (a list of projections -> one module) and install the fused forward."""
     attn, mlp = layer.self_attn, layer.mlp
     sizes = [attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features]
-    attn.qkv_proj = merge_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-    mlp.gate_up_proj = merge_linears([mlp.gate_proj, mlp.up_proj])
+    attn.qkv_proj = merge([attn.q_proj, attn.k_proj, attn.v_proj])
+    mlp.gate_up_proj = merge([mlp.gate_proj, mlp.up_proj])
     for owner, name in ((attn, "q_proj"), (attn, "k_proj"), (attn, "v_proj"), (mlp, "gate_proj"), (mlp, "up_proj")):
         delattr(owner, name)
     eager = sys.modules[type(attn).__module__].eager_attention_forward
@@ -150,7 +159,7 @@ def fused_layer_forward(
     attn, mlp = self.self_attn, self.mlp
     ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
     cos, sin = position_embeddings
-    q, k, v = f.pre(hidden_states, ln1.weight, ln1.variance_epsilon, attn.qkv_proj.weight, attn.qkv_proj.bias,
+    q, k, v = f.pre(hidden_states, ln1.weight, ln1.variance_epsilon, *_wb(attn.qkv_proj),
                     cos, sin, f.sizes, f.head_dim)  # fmt: skip
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, attn.layer_idx)
@@ -160,8 +169,13 @@ def fused_layer_forward(
     kwargs |= {"position_ids": position_ids, "use_cache": use_cache}  # as transformers' layer hands them on
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
     out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
-    return f.post(out, hidden_states, attn.o_proj.weight, attn.o_proj.bias, ln2.weight, ln2.variance_epsilon,
-                  mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, mlp.down_proj.weight, mlp.down_proj.bias)  # fmt: skip
+    return f.post(out, hidden_states, *_wb(attn.o_proj), ln2.weight, ln2.variance_epsilon,
+                  *_wb(mlp.gate_up_proj), *_wb(mlp.down_proj))  # fmt: skip
+
+
+def _wb(m: nn.Module) -> tuple:
+    """(weight, bias) of a plain Linear; (the module, None) of a 4-bit one, which `project` calls."""
+    return (m.weight, m.bias) if isinstance(m, nn.Linear) else (m, None)
 
 
 _COMPILED: dict[str, tuple] = {}

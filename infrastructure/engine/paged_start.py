@@ -79,7 +79,8 @@ class PagedStart:
         while self._sched.has_work:
             self._step()
         self.warmup_seconds += time.perf_counter() - started
-        if self._graphs is not None and self.compile_mode == "on":  # compile + capture every rows bucket now
+        # compile + capture every rows bucket now (COMPILE=on; 4-bit kernels: Triton JIT-compiles per rows class)
+        if self._graphs is not None and (self.compile_mode == "on" or self.loaded.quantization in ("awq", "gptq")):
             self.warmup_seconds += warm_up(self._graphs, self.max_batch_size)
 
     def _build_runner(self, blocks: int, max_blocks: int) -> None:

@@ -1,7 +1,9 @@
 """Tiny AWQ and GPTQ checkpoints (scripts/make_quantized_checkpoint) load through the server's loader, run on
 gptqmodel's 4-bit modules, steer and capture, and compute what the same weights dequantised into a plain
 model compute: logits within 1% of their largest magnitude (torch's CPU int4 kernel, which gptqmodel picks,
-multiplies in bfloat16 inside a float32 model) and token-equal greedy continuations, plain and steered."""
+multiplies in bfloat16 inside a float32 model) and token-equal greedy continuations, plain and steered. The
+`:gemlite` variants load with QUANT_KERNEL=gemlite: repacked for GemLite (infrastructure/quant_gemlite.py; on the
+CPU its dequantising stand-in), q/k/v and gate/up merged, layers fused; their logits match to float32 rounding."""
 
 from __future__ import annotations
 
@@ -58,10 +60,11 @@ def _engine(loaded: LoadedModel) -> PersonaEngine:
     return eng
 
 
-@pytest.fixture(scope="module", params=["awq", "gptq"])
+@pytest.fixture(scope="module", params=["awq", "gptq", "awq:gemlite", "gptq:gemlite"])
 def pair(request, tiny_checkpoints):
-    folder = tiny_checkpoints[request.param]["dir"]
-    quant = load_model(Settings(_env_file=None, model_name=str(folder), device="cpu"))
+    fmt, _, kernel = request.param.partition(":")
+    folder = tiny_checkpoints[fmt]["dir"]
+    quant = load_model(Settings(_env_file=None, model_name=str(folder), device="cpu", quant_kernel=kernel or "auto"))
     plain = _plain_twin(quant, folder)
     engines = _engine(quant), _engine(plain)
     yield request.param, quant, plain, engines
@@ -70,16 +73,26 @@ def pair(request, tiny_checkpoints):
 
 
 def test_loads_on_gptqmodel_modules_and_matches_the_dequantised_model(pair):
-    fmt, quant, plain, _ = pair
+    param, quant, plain, _ = pair
+    fmt, _, kernel = param.partition(":")
     assert quant.quantization == fmt and quant.dtype == torch.float32 and quant.source == "local"
-    q_proj = quant.model.model.layers[0].self_attn.q_proj
-    assert type(q_proj).__module__.startswith("gptqmodel.") and not isinstance(q_proj, torch.nn.Linear)
+    attn = quant.model.model.layers[0].self_attn
+    if kernel == "gemlite":  # merged q/k/v on the repacked layout, the fused layer forward
+        from infrastructure.engine.fusion import FUSED_MARK
+        from infrastructure.quant_gemlite import DequantisedLinear
+
+        assert quant.quant_kernel == "gemlite" and not hasattr(attn, "q_proj")
+        assert isinstance(attn.qkv_proj, DequantisedLinear) and attn.qkv_proj.out_features == 512
+        assert getattr(quant.model.model.layers[1], FUSED_MARK) is not None
+    else:
+        assert type(attn.q_proj).__module__.startswith("gptqmodel.") and not isinstance(attn.q_proj, torch.nn.Linear)
     assert isinstance(quant.model.lm_head, torch.nn.Linear)  # never quantised
     ids = torch.tensor([[1, 520, 3300, 1200, 77, 9000, 431, 12, 4000, 2]])
     with torch.no_grad():
         a, b = quant.model(ids).logits, plain.model(ids).logits
     assert b.abs().max() > 0.5  # a real signal, not all zeros
-    assert (a - b).abs().max() < LOGIT_TOLERANCE * b.abs().max()
+    tolerance = 1e-5 if kernel == "gemlite" else LOGIT_TOLERANCE  # the same float32 weights, another order
+    assert (a - b).abs().max() < tolerance * b.abs().max()
 
 
 async def test_steers_and_captures_like_the_dequantised_model(pair):
@@ -132,3 +145,26 @@ def test_missing_kernel_library_and_double_quantisation_are_clear_load_errors(ti
     with pytest.raises(ModelLoadError) as caught:
         load_model(Settings(_env_file=None, model_name=folder, device="cpu"))
     assert "gptqmodel" in str(caught.value) and "QUANTIZATION=bnb-4bit" in str(caught.value)
+
+
+def test_awq_gemv_checkpoint_repacks_for_gemlite_exactly(tmp_path, monkeypatch, tiny_checkpoints):
+    """AutoAWQ's "gemv" layout loads onto gptqmodel's GEMV module (CUDA-only in gptqmodel because its kernel is:
+    allowed on the CPU here, where it never runs) and is repacked before any forward: the same logits as the
+    checkpoint dequantised into a plain model."""
+    from gptqmodel.models._const import DEVICE
+    from gptqmodel.nn_modules.qlinear.gemv_awq import AwqGEMVLinear
+    from transformers import AutoTokenizer
+
+    from infrastructure.quant_gemlite import DequantisedLinear
+
+    monkeypatch.setattr(AwqGEMVLinear, "SUPPORTS_DEVICES", [DEVICE.ALL])
+    folder = tmp_path / "gemv"
+    build("awq-gemv", "tiny-llama", folder, tokenizer=AutoTokenizer.from_pretrained(tiny_checkpoints["awq"]["dir"]))
+    quant = load_model(Settings(_env_file=None, model_name=str(folder), device="cpu", quant_kernel="gemlite"))
+    assert quant.quant_kernel == "gemlite"
+    assert isinstance(quant.model.model.layers[0].mlp.gate_up_proj, DequantisedLinear)
+    plain = _plain_twin(quant, folder)
+    ids = torch.tensor([[1, 520, 3300, 1200, 77, 9000, 431, 12, 4000, 2]])
+    with torch.no_grad():
+        a, b = quant.model(ids).logits, plain.model(ids).logits
+    assert b.abs().max() > 0.5 and (a - b).abs().max() < 1e-5 * b.abs().max()
