@@ -191,24 +191,27 @@ def main(argv: list[str] | None = None) -> int:
         report["device"] = torch.cuda.get_device_name(0)
         report["configs"] = settle_shapes({(n, k, GROUP) for n, k in shapes(args.arch).values()}, None)
     save = lambda: args.out.write_text(json.dumps(report, indent=2, default=str))  # noqa: E731
-    for rows in (int(r) for r in args.rows.split(",")):
-        for name, (n, k) in shapes(args.arch).items():
-            if time.perf_counter() - started > args.budget_s:
-                report["cut"] = f"budget of {args.budget_s:.0f} s spent"
-                save()
-                return 0
-            try:
-                row = measure(name, n, k, rows, args)
-                if args.tune and args.device == "cuda":
-                    row["tuned"] = tune(row, args)
-            except Exception as exc:  # noqa: BLE001 - a failing kernel is a finding: recorded, the rest runs
-                row = {"shape": name, "n": n, "k": k, "rows": rows, "error": f"{type(exc).__name__}: {exc}"[:1500]}
-            row.pop("_lins", None)
-            report["rows"].append(row)
-            print(json.dumps(row, default=str), flush=True)
-            save()
-            if args.device == "cuda":
-                torch.cuda.empty_cache()
+    plan = [
+        (rows, name, n, k)
+        for rows in (int(r) for r in args.rows.split(","))
+        for name, (n, k) in shapes(args.arch).items()
+    ]
+    for rows, name, n, k in plan:
+        if time.perf_counter() - started > args.budget_s:
+            report["cut"] = f"budget of {args.budget_s:.0f} s spent"  # what was tuned is still written below
+            break
+        try:
+            row = measure(name, n, k, rows, args)
+            if args.tune and args.device == "cuda":
+                row["tuned"] = tune(row, args)
+        except Exception as exc:  # noqa: BLE001 - a failing kernel is a finding: recorded, the rest runs
+            row = {"shape": name, "n": n, "k": k, "rows": rows, "error": f"{type(exc).__name__}: {exc}"[:1500]}
+        row.pop("_lins", None)
+        report["rows"].append(row)
+        print(json.dumps(row, default=str), flush=True)
+        save()
+        if args.device == "cuda":
+            torch.cuda.empty_cache()
     if args.tune and args.device == "cuda":
         keys = [(r["tuned"]["kernel"], r["tuned"]["signature"]) for r in report["rows"] if "tuned" in r]
         configs = tuned_configs(keys, args.out.with_name("gemlite_all_configs.json"))
