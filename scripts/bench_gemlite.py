@@ -145,6 +145,26 @@ def measure(name: str, n: int, k: int, rows: int, args, lins=None) -> dict:
     return out
 
 
+def forget_triton_choices() -> int:
+    """Clear the choices Triton's autotuners already made for GemLite's kernels (per key, in memory): without
+    this the first timed call's settled config stays chosen and "tuning" re-times it. Returns how many were
+    cleared."""
+    import importlib
+    import pkgutil
+
+    import gemlite.triton_kernels as kernels
+    from triton.runtime.autotuner import Autotuner
+
+    cleared = 0
+    for info in pkgutil.iter_modules(kernels.__path__):
+        module = importlib.import_module(f"{kernels.__name__}.{info.name}")
+        for value in vars(module).values():
+            if isinstance(value, Autotuner) and value.cache:
+                cleared += len(value.cache)
+                value.cache.clear()
+    return cleared
+
+
 def tune(row: dict, args) -> dict:
     """Drop GemLite's configs of this shape and row bucket, let Triton autotune them, time again."""
     from gemlite import core
@@ -155,12 +175,13 @@ def tune(row: dict, args) -> dict:
     kernel = core.get_matmul_type(row["rows"], 4, False)
     key = signature(get_closest_m(row["rows"]), row["n"], row["k"], GROUP)
     core.GEMLITE_TRITON_CONFIG_CACHE.get(kernel, {}).pop(key, None)
+    cleared = forget_triton_choices()
     started = time.perf_counter()
     lins = row["_lins"]
     x = torch.randn(row["rows"], row["k"], device="cuda", dtype=torch.float16)
     lins[0](x)
     torch.cuda.synchronize()
-    tuned = {"kernel": kernel, "signature": key, "autotune_s": time.perf_counter() - started}
+    tuned = {"kernel": kernel, "signature": key, "autotune_s": time.perf_counter() - started, "cleared": cleared}
     tuned["us"] = timed(lambda i: lins[i % len(lins)](x), args.reps, "cuda")
     tuned["tbps"] = row["packed_mb"] / tuned["us"]
     return tuned
@@ -191,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         report["device"] = torch.cuda.get_device_name(0)
         report["configs"] = settle_shapes({(n, k, GROUP) for n, k in shapes(args.arch).values()}, None)
     save = lambda: args.out.write_text(json.dumps(report, indent=2, default=str))  # noqa: E731
+    configs: dict = {}  # the tuned configs, GemLite's file format
+    scratch = args.out.with_name("gemlite_all_configs.json")
     plan = [
         (rows, name, n, k)
         for rows in (int(r) for r in args.rows.split(","))
@@ -203,7 +226,10 @@ def main(argv: list[str] | None = None) -> int:
         try:
             row = measure(name, n, k, rows, args)
             if args.tune and args.device == "cuda":
-                row["tuned"] = tune(row, args)
+                row["tuned"] = tune(row, args)  # read now: the next shape's tuning clears the autotuners' choices
+                found = tuned_configs([(row["tuned"]["kernel"], row["tuned"]["signature"])], scratch)
+                for kernel, chosen in found.items():
+                    configs.setdefault(kernel, {}).update(chosen)
         except Exception as exc:  # noqa: BLE001 - a failing kernel is a finding: recorded, the rest runs
             row = {"shape": name, "n": n, "k": k, "rows": rows, "error": f"{type(exc).__name__}: {exc}"[:1500]}
         row.pop("_lins", None)
@@ -213,8 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.device == "cuda":
             torch.cuda.empty_cache()
     if args.tune and args.device == "cuda":
-        keys = [(r["tuned"]["kernel"], r["tuned"]["signature"]) for r in report["rows"] if "tuned" in r]
-        configs = tuned_configs(keys, args.out.with_name("gemlite_all_configs.json"))
         target = args.tune_out or args.out.with_name("gemlite_tuned.json")
         target.write_text(json.dumps(configs, indent=1))
         report["tuned_configs"] = str(target)
