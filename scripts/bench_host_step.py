@@ -71,7 +71,9 @@ def busy(us: float) -> None:
         pass
 
 
-async def decode(engine: PersonaEngine, rows: int, new: int, hidden: int, layer: int, reader_us: float = 0) -> list[float]:
+async def decode(
+    engine: PersonaEngine, rows: int, new: int, hidden: int, layer: int, reader_us: float = 0
+) -> list[float]:
     """`rows` single-row steered jobs decoded to `new` tokens; the engine's step durations (s)."""
     steps: list[tuple[int, int, float, float]] = []
     unsubscribe = engine.observers.subscribe(
@@ -124,7 +126,14 @@ def measure(loaded: LoadedModel, rows: int, new: int, profile: int, reader_us: f
     wall = time.perf_counter() - started
     engine.stop()
     median = 1e6 * statistics.median(gaps)
-    out = {"rows": rows, "reader_us": reader_us, "switch_ms": 1e3 * sys.getswitchinterval(), "steps": len(gaps) + 1, "step_us_median": median, "us_per_row": median / rows}
+    out = {
+        "rows": rows,
+        "reader_us": reader_us,
+        "switch_ms": 1e3 * sys.getswitchinterval(),
+        "steps": len(gaps) + 1,
+        "step_us_median": median,
+        "us_per_row": median / rows,
+    }
     out |= {"step_us_p90": 1e6 * sorted(gaps)[int(0.9 * (len(gaps) - 1))], "wall_s": wall}
     if prof is not None:
         buf = io.StringIO()
