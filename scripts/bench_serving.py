@@ -95,6 +95,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w7-requests", type=int, default=None, help="W7 requests (200)")
     p.add_argument("--w7-rate", type=float, default=None, help="W7 Poisson arrival rate, requests/s (8 on GPU)")
     p.add_argument("--repeats", type=int, default=3, help="W3 repetitions (median)")
+    p.add_argument(
+        "--sample-stacks", type=float, default=0.0, help="W2: sample the threads' stacks for this many seconds"
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny CI-size run")
     p.add_argument(
@@ -233,12 +236,12 @@ class Bench:
             "stream": True,
         }
 
-    def run(self, bodies: list[dict], offsets: list[float] | None = None) -> dict:
+    def run(self, bodies: list[dict], offsets: list[float] | None = None, sample_s: float = 0.0) -> dict:
         """Run bodies concurrently (or at `offsets` s); aggregate tokens/s (counted by the engine), latencies."""
         engine = self.runtime.engine
         before = engine.stats["tokens"]
         kv = KVWatch(engine)
-        with EngineTrace(engine) as trace, kv:
+        with EngineTrace(engine, sample_s) as trace, kv:
             if offsets is None:
                 results, wall = self.clients.submit(run_concurrent_sync, self.url, bodies).result()
             else:
@@ -297,7 +300,8 @@ class Bench:
 
     def w2(self, name: str, steered: bool, clients: int | None = None) -> None:
         n = clients or self.args.clients
-        r = self.run([self.body(i, ["STEERED" if steered else "DEFAULT"], steered) for i in range(n)])
+        bodies = [self.body(i, ["STEERED" if steered else "DEFAULT"], steered) for i in range(n)]
+        r = self.run(bodies, sample_s=self.args.sample_stacks)
         r.pop("_results")
         self.results[name] = r
 

@@ -87,7 +87,8 @@ def sample(logits: torch.Tensor, samplers: list[RowSampler]) -> list[int | None]
                 chosen[i] = torch.multinomial(probs[j], 1, generator=samplers[i].generator)[0]
             except RuntimeError:  # a distribution multinomial refuses: this row fails, not the batch
                 broken[i] = True
-    tokens = [None if b else t for t, b in zip(chosen.tolist(), broken.tolist())]
+    picked, failed = torch.stack([chosen, broken.to(chosen.dtype)]).tolist()  # one device-to-host transfer
+    tokens = [None if b else t for t, b in zip(picked, failed)]
     record_logprobs(logits, tokens, samplers)
     return tokens
 
