@@ -37,6 +37,7 @@ class EngineTrace:
         self._unsubscribe = self.engine.observers.subscribe(submitted=submitted, step=step)
         self.allocator = self._allocator()
         self.compiled, self.captures = self._compiled(), self._captures()
+        self.cpu = thread_cpu()
         if self.sampler is not None:
             self.sampler.start()
         return self
@@ -63,6 +64,7 @@ class EngineTrace:
 
     def __exit__(self, *exc) -> None:
         self._unsubscribe()
+        self.cpu = {name: seconds - self.cpu.get(name, 0.0) for name, seconds in thread_cpu().items()}
         if self.sampler is not None:
             self.sampler.stop()
 
@@ -101,10 +103,26 @@ class EngineTrace:
                     :: max(1, len(self.arrivals) // 16)
                 ],
                 "steps_to_first_tokens": self.timeline(),
+                "thread_cpu_s": {name: round(seconds, 3) for name, seconds in self.cpu.items() if seconds > 0.0005},
             }
             | {key: value - self.allocator[key] for key, value in self._allocator().items()}
             | ({"stacks": self.sampler.top(40)} if self.sampler is not None else {})
         )
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds used so far by the server's threads, by kind: the inference thread, the event loop (uvicorn), the
+    worker threads (prompt rendering) and the rest. The inference thread's includes its spin in CUDA syncs."""
+    out: dict[str, float] = {}
+    for t in threading.enumerate():
+        kind = "inference" if t.name.startswith("persona") else "event loop" if "uvicorn" in t.name else (
+            "workers" if t.name.startswith(("AnyIO", "asyncio")) else "other")  # fmt: skip
+        try:
+            seconds = time.clock_gettime(time.pthread_getcpuclockid(t.ident))
+        except (OSError, AttributeError, TypeError):  # a thread that just ended, or no per-thread clocks here
+            continue
+        out[kind] = out.get(kind, 0.0) + seconds
+    return out
 
 
 class StackSampler:
