@@ -7,8 +7,10 @@ On a GPU the decode step is one CUDA-graph replay; everything around it (schedul
 sampling, stop checks, detokenising, events to the event loop, retiring rows) is Python on the inference
 thread and must hide under the replay. Here the forward is a stub returning fixed logits of a small
 vocabulary, so what remains is that host work alone, measurable on any CPU: the engine decodes `rows`
-steered rows (one distinct vector each, as W2) to a forced length while an asyncio loop reads their events
-as the server would, and the per-step wall time of the steady decode steps is reported (median, µs).
+steered rows (one distinct vector each, as W2) to a forced length while an asyncio loop in the main thread
+reads their events (`--reader-us N` spends N µs of Python per event there, as building an SSE frame does), and
+the per-step wall time of the steady decode steps is reported (median, µs). Not covered: the CUDA-graph inputs'
+upload (`graphs.py`), the replay and the device-to-host wait.
 """
 
 from __future__ import annotations
