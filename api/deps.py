@@ -10,17 +10,20 @@ from app.runtime import Runtime
 from app.settings import Settings
 from infrastructure.engine.engine import PersonaEngine
 
+# `async def`: FastAPI runs a plain `def` dependency on a worker thread, a thread hop (and, under load, a wait for
+# the GIL) per request for an attribute lookup; these never block, so they run on the event loop.
 
-def get_runtime(request: Request) -> Runtime:
+
+async def get_runtime(request: Request) -> Runtime:
     return request.app.state.runtime
 
 
-def get_engine(request: Request) -> PersonaEngine:
-    return get_runtime(request).require_engine()
+async def get_engine(request: Request) -> PersonaEngine:
+    return request.app.state.runtime.require_engine()
 
 
-def get_settings(request: Request) -> Settings:
-    return get_runtime(request).settings
+async def get_settings(request: Request) -> Settings:
+    return request.app.state.runtime.settings
 
 
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]

@@ -95,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--w7-requests", type=int, default=None, help="W7 requests (200)")
     p.add_argument("--w7-rate", type=float, default=None, help="W7 Poisson arrival rate, requests/s (8 on GPU)")
     p.add_argument("--repeats", type=int, default=3, help="W3 repetitions (median)")
+    p.add_argument(
+        "--sample-stacks",
+        type=float,
+        default=0.0,
+        help="W2 steered once more, its threads' stacks sampled for this many seconds",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 with --smoke)")
     p.add_argument("--smoke", action="store_true", help="tiny CI-size run")
     p.add_argument(
@@ -217,10 +223,12 @@ class Bench:
         # from the server and the inference thread and the benchmark would measure itself
         self.clients = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
 
-    def body(self, client: int, types: list[str], steered: bool, prompt: str | None = None, new: int = 0) -> dict:
+    def body(
+        self, client: int, types: list[str], steered: bool, prompt: str | None = None, new: int = 0, seed: int = 0
+    ) -> dict:
         vectors = []
         if steered:
-            vec = steer_vector(self.loaded.hidden_size, client)
+            vec = steer_vector(self.loaded.hidden_size, seed + client)
             vectors = [{"hook": f"blocks.{self.layer}.hook_resid_post", "strength": 4.0, "steering_vector": vec}]
         return {
             "prompt": [{"role": "user", "content": prompt or self.prompts[client % len(self.prompts)][0]}],
@@ -233,12 +241,12 @@ class Bench:
             "stream": True,
         }
 
-    def run(self, bodies: list[dict], offsets: list[float] | None = None) -> dict:
+    def run(self, bodies: list[dict], offsets: list[float] | None = None, sample_s: float = 0.0) -> dict:
         """Run bodies concurrently (or at `offsets` s); aggregate tokens/s (counted by the engine), latencies."""
         engine = self.runtime.engine
         before = engine.stats["tokens"]
         kv = KVWatch(engine)
-        with EngineTrace(engine) as trace, kv:
+        with EngineTrace(engine, sample_s) as trace, kv:
             if offsets is None:
                 results, wall = self.clients.submit(run_concurrent_sync, self.url, bodies).result()
             else:
@@ -295,9 +303,12 @@ class Bench:
         r["pct_roofline"] = 100 * r["decode_tokens_per_s"] / r["roofline_tokens_per_s"] if bandwidth else None
         self.results["w1"] = r
 
-    def w2(self, name: str, steered: bool, clients: int | None = None) -> None:
+    def w2(self, name: str, steered: bool, clients: int | None = None, sample_s: float = 0.0) -> None:
+        """N concurrent clients; `sample_s`: sample the threads' stacks (vectors then new to the prefix cache)."""
         n = clients or self.args.clients
-        r = self.run([self.body(i, ["STEERED" if steered else "DEFAULT"], steered) for i in range(n)])
+        seed = 5000 if sample_s else 0
+        bodies = [self.body(i, ["STEERED" if steered else "DEFAULT"], steered, seed=seed) for i in range(n)]
+        r = self.run(bodies, sample_s=sample_s)
         r.pop("_results")
         self.results[name] = r
 
@@ -393,6 +404,8 @@ def run_workloads(bench: Bench, runtime: Runtime, axis: AssistantAxis) -> None:
     timed("W1", bench.w1)
     timed("W2 steered", bench.w2, "w2_steered", True)
     timed("W2 unsteered", bench.w2, "w2_unsteered", False)
+    if bench.args.sample_stacks:  # W2 steered again (new vectors), its threads' stacks sampled
+        timed("W2 steered, stacks sampled", bench.w2, "w2_steered_sampled", True, None, bench.args.sample_stacks)
     timed("W3", bench.w3)
     timed("W4 monitoring off", bench.w2, "w4_monitoring_off", True)  # W2 steered again, right before "on"
     runtime.axis = axis

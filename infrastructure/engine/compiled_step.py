@@ -101,10 +101,14 @@ def warm_steering(steer, hidden_size: int, device: torch.device, dtype: torch.dt
         mask = torch.ones(1, tokens, 1, device=device, dtype=dtype)
         for table in (eager_table, graph_table):
             vec, scalar = table(tokens, hidden_size), table(tokens, 1)
-            steer(hidden, mask, vec, [], [])
-            steer(hidden, mask, None, [], [(vec, scalar)])
-            steer(hidden, mask, None, [(vec, scalar)], [])
-            steer(hidden, None, None, [], [], [table(tokens, hidden_size, torch.float32)])  # a capture alone
+            direction = table(tokens, hidden_size, torch.float32)
+            # called as the site hook calls it (`make_site_hook`): SiteTable's lists, captures included (a tuple
+            # or a missing argument is another guard, and the first request would compile)
+            steer(hidden, mask, vec, [], [], [])
+            steer(hidden, mask, None, [], [(vec, scalar)], [])
+            steer(hidden, mask, None, [(vec, scalar)], [], [])
+            steer(hidden, None, None, [], [], [direction])  # a capture alone (assistant-axis monitoring)
+            steer(hidden, mask, vec, [], [], [direction])  # steered rows beside monitored ones
 
 
 def compiles_here(model: torch.nn.Module, steer, device: torch.device, dtype: torch.dtype, max_rows: int) -> bool:

@@ -41,6 +41,7 @@ from infrastructure.errors import (
     TokenLimitError,
 )
 from infrastructure.model_loader import LoadedModel
+from infrastructure.prompting import longest_token_chars
 from infrastructure.steering.hooks import BatchSteering, build_tables
 from infrastructure.steering.sites import site_module
 
@@ -205,6 +206,7 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
 
     def _run(self) -> None:
         try:
+            longest_token_chars(self.tokenizer)  # cached here, off the event loop (the first prompt check needs it)
             with torch.inference_mode():
                 if self.decode_mode == "paged":
                     self._run_paged()

@@ -98,7 +98,8 @@ class EventChannel:
     the paged engine reads `unread_tokens` and stops decoding a job whose reader falls too far behind."""
 
     def __init__(self) -> None:
-        self.unread_tokens = 0  # tokens put and not yet taken (read by the inference thread: back-pressure)
+        self.unread_tokens = 0  # tokens put and not yet taken
+        self.taken_tokens = 0  # tokens the reader took (GenerationJob.unread_tokens: back-pressure)
         self._items: deque[Event] = deque()
         self._waiting: dict[int, tuple[RowToken, list[str]]] = {}  # row -> its queued token event, deltas
         self._ready = asyncio.Event()
@@ -129,6 +130,7 @@ class EventChannel:
         if isinstance(event, RowToken):
             _, deltas = self._waiting.pop(event.row)
             self.unread_tokens -= len(deltas)
+            self.taken_tokens += len(deltas)
             if len(deltas) > 1:
                 event.delta = "".join(deltas)
         return event
@@ -145,6 +147,7 @@ class GenerationJob:
         self._cancelled = threading.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._queue: EventChannel | None = None
+        self.sent_tokens = 0  # token events handed to the event loop (counted on the inference thread)
 
     def bind(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -152,8 +155,10 @@ class GenerationJob:
 
     @property
     def unread_tokens(self) -> int:
-        """Tokens delivered to this job's channel that its reader has not taken yet."""
-        return self._queue.unread_tokens if self._queue is not None else 0
+        """Tokens handed to the event loop that this job's reader has not taken yet. Counted when the inference
+        thread hands them over, not when the loop delivers them, so a busy event loop cannot hide tokens from
+        the back-pressure check (which then let a paused row run a few steps past MAX_UNREAD_TOKENS)."""
+        return self.sent_tokens - self._queue.taken_tokens if self._queue is not None else 0
 
     @property
     def cancelled(self) -> bool:
@@ -166,6 +171,7 @@ class GenerationJob:
     def emit(self, event: Event) -> None:
         """Called on the inference thread; hands the event to the event loop without blocking."""
         if self._loop is not None and not self._loop.is_closed():
+            self.sent_tokens += isinstance(event, RowToken)
             self._loop.call_soon_threadsafe(self._queue.put, event)
 
     def _deliver(self, event: Event) -> None:
@@ -193,6 +199,7 @@ def emit_all(events: list[tuple[GenerationJob, Event]]) -> None:
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[GenerationJob, Event]]] = {}
     for job, event in events:
         if job._loop is not None and not job._loop.is_closed():
+            job.sent_tokens += isinstance(event, RowToken)
             by_loop.setdefault(job._loop, []).append((job, event))
     for loop, items in by_loop.items():
         try:

@@ -22,7 +22,7 @@ from infrastructure.engine.paged_start import PagedStart
 from infrastructure.engine.prompt_scores import row_scores, split_scored
 from infrastructure.engine.rows import resident
 from infrastructure.engine.runner import Work
-from infrastructure.engine.sampling import RowSampler, sample
+from infrastructure.engine.sampling import RowSampler, plan_greedy, sample
 from infrastructure.engine.scheduler import Seq
 from infrastructure.engine.teacher_forced import run_prefill_only
 from infrastructure.errors import GenerationError, RequestTimeoutError, TokenLimitError
@@ -42,6 +42,7 @@ class Launched:
     scored: list[tuple[PagedRow, int, torch.Tensor]]  # prompt scoring: (row, first position, its logits)
     num_tokens: int
     started: float
+    planned: torch.Tensor | None = None  # greedy rows: tokens and flags queued behind the forward (plan_greedy)
 
 
 class PagedLoop(PagedStart):
@@ -218,13 +219,14 @@ class PagedLoop(PagedStart):
             tables = self._row_tables(rows)
             logits, captured = self._forward_step(works, tables)
             logits, scored = split_scored(rows, works, logits)
+            planned = plan_greedy(logits, [r.sampler for r, w in zip(rows, works) if w.wants_logits])
         except Exception as exc:
             if ahead:
                 raise
             self.stats["failed_batches"] += 1
             self._fail_rows(rows, exc)
             return None
-        return Launched(items, works, prefill, logits, captured, scored, plan.num_tokens, started)
+        return Launched(items, works, prefill, logits, captured, scored, plan.num_tokens, started, planned)
 
     def _collect_step(self, step: Launched) -> None:
         """Sample the step's rows, record and stream their tokens, retire finished rows. When the step only
@@ -239,7 +241,7 @@ class PagedLoop(PagedStart):
                 if id(row) in live:
                     row_scores(row, position, logits)
             samplers = [r.sampler for (r, _), w in zip(step.items, step.works) if w.wants_logits]
-            picked = sample(step.logits, samplers) if samplers else []
+            picked = sample(step.logits, samplers, step.planned) if samplers else []
         except Exception as exc:
             self.stats["failed_batches"] += 1
             self._fail_rows(rows, exc)

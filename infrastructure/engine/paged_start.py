@@ -74,6 +74,8 @@ class PagedStart:
         ids = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)
         if self.loaded.device.type == "cuda":  # a full step first: kernels chosen, activation memory reserved
             ids = (ids * (self.step_tokens // len(ids) + 1))[: min(self.step_tokens, self.context_len - 4)]
+        elif self.compile_mode == "on":  # a second prompt length: the compiled layers become dynamic in it
+            ids = (ids * 64)[: min(64, self.context_len - 4)]
         started = time.perf_counter()
         self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
         while self._sched.has_work:

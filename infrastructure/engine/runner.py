@@ -12,7 +12,9 @@ exactly that forward. Steps where every row decodes one token can replay a CUDA 
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, is_dataclass, replace
+from itertools import chain
 
+import numpy as np
 import torch
 
 from infrastructure.engine.paged_attention import KVPool, Span, StepLayout, enable_paged_attention
@@ -53,6 +55,18 @@ def per_token(tables: dict[int, SiteTable], row_of_token: torch.Tensor) -> dict[
         return x.index_select(0, index).transpose(0, 1)
 
     return {site: map_tensors(table, gather) for site, table in tables.items()}
+
+
+def flat_inputs(works: list[Work], counts: list[int]) -> torch.Tensor:
+    """[4, T] int64 on the host: the step's token ids, positions, table slots and row numbers, token by token.
+    Built with numpy: a 64-row prefill of 8,192 tokens takes ≈ 1 ms instead of ≈ 10 ms of Python lists and
+    `torch.tensor` (2-core CPU), on the inference thread before the step's forward can start."""
+    flat = np.empty((4, sum(counts)), dtype=np.int64)
+    flat[0] = list(chain.from_iterable(w.tokens for w in works))
+    flat[1] = np.concatenate([np.arange(w.position, w.position + n) for w, n in zip(works, counts)])
+    flat[2] = np.repeat([w.slot for w in works], counts)
+    flat[3] = np.repeat(np.arange(len(works)), counts)
+    return torch.from_numpy(flat)
 
 
 def decode_layout(tables, block_size: int, d_slots, d_lens, length: int, scratch: int):
@@ -166,17 +180,14 @@ class ModelRunner:
         no work does; a scoring work contributes a row per token, see `kept_rows`) and the captures
         {(site, slot): [T] float} over the step's flat tokens."""
         self.sync_tables(works)
-        flat = [[t for w in works for t in w.tokens], [w.position + j for w in works for j in range(len(w.tokens))]]
-        flat.append([w.slot for w in works for _ in w.tokens])
-        flat.append([i for i, w in enumerate(works) for _ in w.tokens])
-        ids, positions, tok_slot, row_of_token = torch.tensor(flat).to(self.device, non_blocking=True)
         counts = [len(w.tokens) for w in works]
-        ends, _ = kept_rows(counts, [w.score for w in works], [w.wants_logits for w in works])
         keep = sum(counts)
+        ids, positions, tok_slot, row_of_token = flat_inputs(works, counts).to(self.device, non_blocking=True)
+        ends, _ = kept_rows(counts, [w.score for w in works], [w.wants_logits for w in works])
         state = BatchSteering(tables=per_token(row_tables, row_of_token), apply=self.steer_fn)
         if state.steers:
-            bits = torch.tensor([[b for w in works for b in w.steer]], dtype=torch.bool)
-            state.set_mask(bits.to(self.device, non_blocking=True))
+            bits = np.fromiter(chain.from_iterable(w.steer for w in works), dtype=np.bool_, count=keep)
+            state.set_mask(torch.from_numpy(bits).reshape(1, -1).to(self.device, non_blocking=True))
         layout = self.layout(works, positions, tok_slot)
         keep_index = torch.tensor(ends or [keep - 1]).to(self.device, non_blocking=True)
         with HookSet(self.model, state):

@@ -124,8 +124,9 @@ class Scheduler:
     def _grow(self, seq: Seq, n: int, plan: StepPlan) -> bool:
         """Blocks for `n` more tokens of a running sequence, preempting later ones if needed; False when
         `seq` itself had to be preempted."""
-        scheduled = {id(s) for s, _ in plan.items}
+        scheduled = None  # built only when the pool is short (every decoding row calls this each step)
         while not self.kv.allocate(seq.seq_id, seq.computed + n):
+            scheduled = scheduled if scheduled is not None else {id(s) for s, _ in plan.items}
             victim = next((s for s in reversed(self.running) if id(s) not in scheduled and s is not seq), None)
             self._preempt(victim or seq, plan)
             if victim is None:

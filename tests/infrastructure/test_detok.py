@@ -38,3 +38,22 @@ def test_special_tokens_add_no_text_and_ids_are_kept():
     detok = Detokenizer(ByteTokenizer())
     assert [detok.push(i) for i in (72, 105, EOS)] == ["H", "i", ""]
     assert detok.ids == [72, 105, EOS] and detok.final_text() == "Hi"
+
+
+def test_fast_path_equals_transformers_decode(loaded_model):
+    """The real tokenizer goes through the `tokenizers` backend directly (rust_decoder): the same deltas and
+    text as transformers' own decode, special tokens and multi-byte characters included."""
+    tokenizer = loaded_model.tokenizer
+    ids = tokenizer("Hello, wörld! 😀 Ça va? 東京", add_special_tokens=False)["input_ids"]
+    ids = [*ids[:4], tokenizer.eos_token_id, *ids[4:]]
+    fast = Detokenizer(tokenizer)
+    assert fast._rust is not None
+
+    class Plain:  # transformers' decode, no backend attribute
+        def decode(self, *args, **kwargs):
+            return tokenizer.decode(*args, **kwargs)
+
+    slow = Detokenizer(Plain())
+    assert slow._rust is None
+    assert [fast.push(i) for i in ids] == [slow.push(i) for i in ids]
+    assert fast.text == slow.text == fast.final_text() == tokenizer.decode(ids, skip_special_tokens=True)

@@ -14,7 +14,15 @@ import torch
 
 from api.services.completion_chat_frames import AxisView, axis_entry
 from api.services.finite import dumps, finite
-from infrastructure.engine.job import EventChannel, RowFinished, RowToken, SamplingParams
+from infrastructure.engine.job import (
+    EventChannel,
+    GenerationJob,
+    RowFinished,
+    RowRequest,
+    RowToken,
+    SamplingParams,
+    emit_all,
+)
 from infrastructure.engine.sampling import RowSampler, sample
 from infrastructure.errors import InvalidRequestError
 from infrastructure.steering.layers import layer_number
@@ -74,6 +82,24 @@ def test_event_channel_merges_a_stalled_rows_tokens():
         channel.put(RowToken(row=0, token_id=7, delta="more", text=text + "more"))  # after a read: a new event
         again = await channel.get()
         assert again.delta == "more" and again.text.endswith("more")
+
+    asyncio.run(scenario())
+
+
+def test_unread_tokens_count_from_the_hand_over_not_the_delivery():
+    """Back-pressure sees a token as unread from the moment the inference thread hands it to the event loop (before
+    the loop has run the delivery), and no longer once the reader took it, merged events included."""
+
+    async def scenario():
+        job = GenerationJob([RowRequest((1, 2), SamplingParams(max_new_tokens=4))])
+        job.bind(asyncio.get_running_loop())
+        emit_all([(job, RowToken(row=0, token_id=i, delta="a", text="a" * (i + 1))) for i in range(3)])
+        assert job.unread_tokens == 3  # not delivered yet: the loop has not run
+        await asyncio.sleep(0)
+        event = await job._queue.get()  # the three merged into one event
+        assert event.delta == "aaa" and job.unread_tokens == 0
+        job.emit(RowToken(row=0, token_id=3, delta="b", text="aaab"))
+        assert job.unread_tokens == 1
 
     asyncio.run(scenario())
 
