@@ -83,6 +83,12 @@ def arch_config(name: str, layers: int | None = None, overrides: dict | None = N
     return cls(**values, bos_token_id=1, eos_token_id=2, pad_token_id=2)
 
 
+def projection_widths(config) -> tuple[int, int]:
+    """(query width, key/value width) of an attention layer: heads x head_dim (head_dim from the config when set)."""
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return config.num_attention_heads * head, config.num_key_value_heads * head
+
+
 def build_random_model(
     name: str,
     layers: int | None,

@@ -48,11 +48,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def shapes(arch: str) -> dict[str, tuple[int, int]]:
     """(N out, K in) of what the repacked model multiplies: merged qkv, o, merged gate_up, down."""
+    from scripts.bench_archs import projection_widths
     from scripts.make_quantized_checkpoint import build_config
 
     c = build_config(arch, 1)
-    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    q, kv = c.num_attention_heads * head, c.num_key_value_heads * head
+    q, kv = projection_widths(c)
     return {
         "qkv": (q + 2 * kv, c.hidden_size),
         "o": (c.hidden_size, q),

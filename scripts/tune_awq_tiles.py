@@ -53,11 +53,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def layer_shapes(arch: str) -> dict[str, tuple[int, int]]:
     """The arch's distinct 4-bit Linear shapes as (N out, K in)."""
-    from scripts.bench_archs import arch_config
+    from scripts.bench_archs import arch_config, projection_widths
 
     c = arch_config(arch, 1)
-    head = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    q, kv = c.num_attention_heads * head, c.num_key_value_heads * head
+    q, kv = projection_widths(c)
     shapes = {"q": (q, c.hidden_size), "kv": (kv, c.hidden_size), "o": (c.hidden_size, q)}
     return shapes | {"gate_up": (c.intermediate_size, c.hidden_size), "down": (c.hidden_size, c.intermediate_size)}
 

@@ -156,11 +156,10 @@ async def test_fused_engine_rows_equal_the_unfused_engine_for_every_steering_met
                                    rtol=1e-4)  # fmt: skip
 
 
-async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: LoadedModel, monkeypatch):
-    """COMPILE=on with a counting backend (dynamo's guards decide recompiles, whatever the backend): after
-    one request per steering layout, new vectors, strengths and capture directions compile nothing. Each
-    method sits at its own site, so however the rows share steps, every site's layout is one already seen."""
-    compiles = []
+def _counting_engine(loaded_model: LoadedModel, monkeypatch) -> tuple[PersonaEngine, list]:
+    """A started COMPILE=on engine on a 3-layer random Llama, with a backend that only counts what dynamo
+    compiles (its guards decide recompiles, whatever the backend)."""
+    compiles: list = []
 
     def counting(gm, example_inputs):
         compiles.append(gm)
@@ -175,6 +174,15 @@ async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: Lo
     engine = PersonaEngine(loaded, max_batch_size=4, compile="on", prefix_caching=False)
     engine.start()
     assert engine.wait_ready(120), engine.broken
+    return engine, compiles
+
+
+async def test_a_new_vector_never_recompiles_the_step(settings, loaded_model: LoadedModel, monkeypatch):
+    """COMPILE=on with a counting backend (dynamo's guards decide recompiles, whatever the backend): after
+    one request per steering layout, new vectors, strengths and capture directions compile nothing. Each
+    method sits at its own site, so however the rows share steps, every site's layout is one already seen."""
+    engine, compiles = _counting_engine(loaded_model, monkeypatch)
+    tok = loaded_model.tokenizer
     try:
         ids = chat_ids(tok, "Hello, who are you?")
 
@@ -200,22 +208,9 @@ async def test_start_up_compiles_every_layout_requests_use(loaded_model: LoadedM
     an orthogonal decomposition, a capture alone and an add beside a capture compile nothing (the first steered
     request on an H200 used to compile the steering function while holding the GIL: ~0.5 s on the TTFT of a
     whole burst of requests)."""
-    compiles = []
-
-    def counting(gm, example_inputs):
-        compiles.append(gm)
-        return gm.forward
-
-    monkeypatch.setattr(compiled_step, "BACKEND", counting)
     monkeypatch.setattr(compiled_step, "_STEERING", {})
-    torch.manual_seed(0)
+    engine, compiles = _counting_engine(loaded_model, monkeypatch)
     tok = loaded_model.tokenizer
-    config = LlamaConfig(**(TINY | {"vocab_size": len(tok), "num_hidden_layers": 3}), num_key_value_heads=2)
-    model = LlamaForCausalLM(config).eval().requires_grad_(False)
-    loaded = LoadedModel(model, tok, "tiny", "tiny", "random", torch.device("cpu"), ["cpu"], torch.float32, "none", 0)
-    engine = PersonaEngine(loaded, max_batch_size=4, compile="on", prefix_caching=False)
-    engine.start()
-    assert engine.wait_ready(120), engine.broken
     try:
         ready = len(compiles)
         assert ready > 0 and engine.compile_mode == "on"
