@@ -32,8 +32,9 @@ def test_sampler_counts_where_a_named_thread_is():
     sampler.stop()
     done.set()
     worker.join()
-    top = sampler.top(5)
-    assert top and top[0][1] == "persona-test" and "persona_busy" in top[0][2] and top[0][0] >= 3
+    # other threads of the process (the session's engine, event loops) are sampled too: count ours alone
+    ours = [count for count, thread, where in sampler.top(100) if thread == "persona-test" and "persona_busy" in where]
+    assert sum(ours) >= 3
 
 
 def test_host_step_bench_reports_per_step_times(capsys):
