@@ -15,6 +15,15 @@ import httpx
 CHAT_ROUTE = "/v1/steer/completion-chat"
 
 
+def http_stack() -> str:
+    """What uvicorn's "auto" picks here: uvloop and httptools where they import (the lock installs both), else
+    asyncio and h11 (a GPU machine without them measures a slower HTTP side than users get)."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    return loop + "+" + ("httptools" if importlib.util.find_spec("httptools") else "h11")
+
+
 class ServerThread:
     """uvicorn serving `app` on 127.0.0.1 and a free port, in a daemon thread of this process."""
 

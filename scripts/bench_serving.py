@@ -49,7 +49,14 @@ from infrastructure.model_loader import LoadedModel, load_model, resolve_device
 from infrastructure.persona.axis_data import AssistantAxis
 from infrastructure.prompting import render_chat
 from scripts.bench_archs import ARCHS, build_random_model, copy_bandwidth, weight_bytes
-from scripts.bench_client import CHAT_ROUTE, ServerThread, latency_summary, run_arrivals_sync, run_concurrent_sync
+from scripts.bench_client import (
+    CHAT_ROUTE,
+    ServerThread,
+    http_stack,
+    latency_summary,
+    run_arrivals_sync,
+    run_concurrent_sync,
+)
 from scripts.bench_report import render_table
 from scripts.bench_trace import EngineTrace
 
@@ -455,6 +462,7 @@ def environment(args: argparse.Namespace, loaded: LoadedModel, axis_source: str)
         "device": device,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "http_stack": http_stack(),
         "model": loaded.weights_id,
         "layers": loaded.n_layers,
         "hidden": loaded.hidden_size,

@@ -71,15 +71,19 @@ class PagedStart:
         self.ahead_launches = 0
         self._seq_ids = 0
         self._tables_for: tuple[tuple[int, ...], dict] | None = None
-        ids = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)
+        hello = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)
+        prompts = []
         if self.loaded.device.type == "cuda":  # a full step first: kernels chosen, activation memory reserved
-            ids = (ids * (self.step_tokens // len(ids) + 1))[: min(self.step_tokens, self.context_len - 4)]
-        elif self.compile_mode == "on":  # a second prompt length: the compiled layers become dynamic in it
-            ids = (ids * 64)[: min(64, self.context_len - 4)]
+            full = min(self.step_tokens, self.context_len - 4)
+            prompts.append((hello * (full // len(hello) + 1))[:full])
+        if self.compile_mode == "on":  # another prompt length: the compiled layers become dynamic in it now, not
+            n = 64 if self.step_tokens != 64 else 32  # at the first request (a compile: seconds, every stream waits)
+            prompts.append((hello * n)[: min(n, self.context_len - 4)])
         started = time.perf_counter()
-        self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
-        while self._sched.has_work:
-            self._step()
+        for ids in prompts or [hello]:
+            self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
+            while self._sched.has_work:
+                self._step()
         self.warmup_seconds += time.perf_counter() - started
         # compile + capture every rows bucket now (COMPILE=on; 4-bit kernels: Triton JIT-compiles per rows class)
         if self._graphs is not None and (self.compile_mode == "on" or self.loaded.quantization in ("awq", "gptq")):

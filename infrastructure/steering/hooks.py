@@ -66,7 +66,10 @@ class BatchSteering:
         key = like.device
         cached = self._masks_by_device.get(key)
         if cached is None or cached.dtype != like.dtype:
-            cached = self.mask.to(device=like.device, dtype=like.dtype).unsqueeze(-1)
+            # contiguous: a slice of a fixed buffer (a decode graph's [1, max_rows] mask) would keep the buffer's
+            # row stride, and the compiled steering function's guards would see a new layout (a recompile)
+            mask = self.mask.to(device=like.device, dtype=like.dtype, memory_format=torch.contiguous_format)
+            cached = mask.unsqueeze(-1)
             self._masks_by_device[key] = cached
         return cached
 

@@ -18,6 +18,7 @@ from infrastructure.engine.engine import PersonaEngine
 from infrastructure.engine.fusion import fusable, fuse_model, is_fused
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.model_loader import LoadedModel, load_model
+from infrastructure.steering.hooks import BatchSteering
 from infrastructure.steering.spec import Capture, Positions, SteeringSpec, add_op, cap_op, ortho_op
 from tests.helpers import chat_ids
 
@@ -231,6 +232,33 @@ async def test_start_up_compiles_every_layout_requests_use(loaded_model: LoadedM
         assert len(compiles) == ready, f"{len(compiles) - ready} graphs compiled while serving"
     finally:
         engine.stop()
+
+
+def test_the_decode_graphs_steering_inputs_hit_what_start_up_compiled():
+    """A decode graph's steering inputs are slices of fixed [1, max_rows, ...] buffers, its position mask too
+    (`BatchSteering.mask_for` of `steer_mask[:, :b]`): after `warm_steering` they compile nothing, at any rows
+    bucket. On the H200 the mask kept the buffer's row stride (max_rows), failed a guard of the warmed graphs,
+    and the first steered request compiled the steering function while serving (W1: ~0.4 s of stalls)."""
+    compiles: list = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    hidden_size, max_rows = 64, 8
+    steer = compiled_step.compiled_steering(counting)
+    compiled_step.warm_steering(steer, hidden_size, torch.device("cpu"), torch.float32, max_rows)
+    warm = len(compiles)
+    assert warm > 0
+    steer_mask = torch.zeros(1, max_rows, dtype=torch.bool)
+    add, direction = torch.zeros(1, max_rows, hidden_size), torch.zeros(1, max_rows, hidden_size)
+    for b in (1, 2, 4, 8):
+        state = BatchSteering(tables={}, apply=steer)
+        state.set_mask(steer_mask[:, :b])
+        hidden = torch.randn(1, b, hidden_size)
+        steer(hidden, state.mask_for(hidden), add[:, :b], [], [], [])
+        steer(hidden, state.mask_for(hidden), add[:, :b], [], [], [direction[:, :b]])
+    assert len(compiles) == warm, f"{len(compiles) - warm} graphs compiled for the decode graphs' layout"
 
 
 async def test_a_machine_that_cannot_compile_serves_the_fused_layers_eagerly(loaded_model: LoadedModel, monkeypatch):
