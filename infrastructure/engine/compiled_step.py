@@ -4,8 +4,8 @@
 - `merge`: merged q/k/v and gate/up projections and the fused layer forward (`fusion.py`), eager;
 - `on`: the same with the layer functions and the steering function `torch.compile`d (Inductor), so the
   decode step's CUDA graphs hold fused norm / rotary / activation / steering kernels;
-- `auto`: `on` where decode steps are CUDA graphs (one unquantised CUDA GPU), `off` elsewhere (the CPU
-  stays eager: compiling costs more than it saves for CI-sized runs).
+- `auto`: `on` where decode steps are CUDA graphs (one CUDA GPU; bf16/fp16, AWQ or GPTQ weights), `off`
+  elsewhere (the CPU stays eager: compiling costs more than it saves for CI-sized runs).
 
 Steering tables are tensor inputs of the compiled steering function, and in a CUDA graph they live in
 fixed buffers refilled by copy: a new vector never recompiles anything; only a new steering *layout*
@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from infrastructure.engine.fusion import FUSED_MARK, fuse_model, raise_recompile_limit
+from infrastructure.engine.fusion import FUSED_MARK, fuse_model, raise_recompile_limit, weight_and_bias
 from infrastructure.steering.hooks import apply_table
 from infrastructure.steering.sites import decoder_layers
 
@@ -34,12 +34,14 @@ _STEERING: dict[str, object] = {}
 
 
 def resolve_compile(setting: str, device: torch.device, one_gpu: bool, quantization: str) -> str:
-    """auto -> on for one unquantised CUDA GPU, off otherwise; explicit values are kept."""
+    """auto -> on for one CUDA GPU running bf16/fp16 weights or AWQ / GPTQ (decode steps are CUDA graphs there;
+    4-bit layers repacked for GemLite compile the pieces between their products), off otherwise (the CPU,
+    bitsandbytes, several GPUs); explicit values are kept."""
     if setting not in MODES:
         raise ValueError(f"COMPILE must be one of {', '.join(MODES)}, not {setting!r}")
     if setting != "auto":
         return setting
-    return "on" if device.type == "cuda" and one_gpu and quantization == "none" else "off"
+    return "on" if device.type == "cuda" and one_gpu and quantization in ("none", "awq", "gptq") else "off"
 
 
 def compiled_steering(backend=BACKEND):
@@ -122,12 +124,11 @@ def compiles_here(model: torch.nn.Module, steer, device: torch.device, dtype: to
         ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
         hidden = torch.randn(1, 2, ln1.weight.shape[0], device=device, dtype=ln1.weight.dtype)
         cos = torch.ones(1, 2, f.head_dim, device=device, dtype=ln1.weight.dtype)
-        qkv = attn.qkv_proj
-        f.pre(hidden, ln1.weight, ln1.variance_epsilon, qkv.weight, qkv.bias, cos, cos * 0, f.sizes, f.head_dim)
+        wb = weight_and_bias  # (module, None) for a 4-bit projection
+        f.pre(hidden, ln1.weight, ln1.variance_epsilon, *wb(attn.qkv_proj), cos, cos * 0, f.sizes, f.head_dim)
         out = torch.zeros(1, 2, f.sizes[0], device=device, dtype=hidden.dtype)
-        gate_up, down = mlp.gate_up_proj, mlp.down_proj
-        f.post(out, hidden, attn.o_proj.weight, attn.o_proj.bias, ln2.weight, ln2.variance_epsilon,
-               gate_up.weight, gate_up.bias, down.weight, down.bias)  # fmt: skip
+        f.post(out, hidden, *wb(attn.o_proj), ln2.weight, ln2.variance_epsilon, *wb(mlp.gate_up_proj),
+               *wb(mlp.down_proj))  # fmt: skip
         return True
     except StopIteration:  # no layer could be fused: nothing to compile but the steering function
         return True

@@ -10,7 +10,8 @@ sharding: it merges whatever plain `nn.Linear` projections it finds, e.g. a rank
   `attention_output_and_mlp` (output projection, residual, RMSNorm, gate/up, SiLU·up, down, residual).
   Both are pure tensor functions of the layer's weights: with `compile=True` they are `torch.compile`d
   once per process and shared by every layer (Inductor fuses each norm, rotary and activation into one
-  kernel around the matrix products); without it they run eagerly (the same arithmetic).
+  kernel around the matrix products); without it they run eagerly (the same arithmetic). Layers with 4-bit
+  projection modules compile the pieces between the products instead (`AroundProducts`).
 
 Steering is untouched: hooks sit on the decoder layers' outputs (and the embeddings), whose module
 calls are unchanged. Layers that do not fit (quantised or wrapped projections, hooks on a projection,
@@ -58,22 +59,57 @@ def project(x: torch.Tensor, weight, bias) -> torch.Tensor:
     return F.linear(x, weight, bias) if isinstance(weight, torch.Tensor) else weight(x)
 
 
-def attention_inputs(hidden, norm_w, eps: float, qkv_w, qkv_b, cos, sin, sizes: list[int], head_dim: int):
-    """hidden [B,T,H] -> query [B,heads,T,d], key and value [B,kv_heads,T,d], rotary applied to q and k."""
-    x = rms_norm(hidden, norm_w, eps)
-    q, k, v = project(x, qkv_w, qkv_b).split(sizes, dim=-1)
-    shape = (*hidden.shape[:-1], -1, head_dim)
+def rotary(qkv: torch.Tensor, cos, sin, sizes: list[int], head_dim: int):
+    """Merged q/k/v outputs [B,T,sum(sizes)] -> query [B,heads,T,d], key and value [B,kv_heads,T,d], rotary
+    applied to q and k."""
+    q, k, v = qkv.split(sizes, dim=-1)
+    shape = (*qkv.shape[:-1], -1, head_dim)
     q, k, v = (t.reshape(shape) for t in (q, k, v))  # [B,T,heads,d]: rotary in token-major memory, so the
     cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # paged kernels' [T,heads,d] views need no copy
     q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
     return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
 
+def add_rms_norm(residual: torch.Tensor, out: torch.Tensor, norm_w: torch.Tensor, eps: float) -> tuple:
+    """(residual + out, its RMSNorm): the attention block's residual and the MLP's input."""
+    h = residual + out
+    return h, rms_norm(h, norm_w, eps)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def attention_inputs(hidden, norm_w, eps: float, qkv_w, qkv_b, cos, sin, sizes: list[int], head_dim: int):
+    """hidden [B,T,H] -> query [B,heads,T,d], key and value [B,kv_heads,T,d], rotary applied to q and k."""
+    return rotary(project(rms_norm(hidden, norm_w, eps), qkv_w, qkv_b), cos, sin, sizes, head_dim)
+
+
 def attention_output_and_mlp(attn, residual, o_w, o_b, norm_w, eps: float, gate_up_w, gate_up_b, down_w, down_b):
     """The rest of a layer after attention: attn [B,T,heads*d], residual [B,T,H] -> the layer's output."""
-    h = residual + project(attn, o_w, o_b)
-    gate, up = project(rms_norm(h, norm_w, eps), gate_up_w, gate_up_b).chunk(2, dim=-1)
-    return h + project(F.silu(gate) * up, down_w, down_b)
+    h, x = add_rms_norm(residual, project(attn, o_w, o_b), norm_w, eps)
+    return h + project(silu_mul(project(x, gate_up_w, gate_up_b)), down_w, down_b)
+
+
+@dataclass(frozen=True)
+class AroundProducts:
+    """A layer's two functions for 4-bit projection modules (GemLite's, `infrastructure/quant_gemlite.py`),
+    which torch.compile cannot take as inputs (every layer's modules would be a graph of its own): the
+    products run as the modules' own kernels, and what lies between them (RMSNorm, rotary, residual + RMSNorm,
+    SiLU·up) runs as compiled pieces shared by every layer. Same arithmetic as the two functions above."""
+
+    norm: object
+    rope: object
+    residual_norm: object
+    act: object
+
+    def pre(self, hidden, norm_w, eps: float, qkv_w, qkv_b, cos, sin, sizes: list[int], head_dim: int):
+        return self.rope(project(self.norm(hidden, norm_w, eps), qkv_w, qkv_b), cos, sin, sizes, head_dim)
+
+    def post(self, attn, residual, o_w, o_b, norm_w, eps: float, gate_up_w, gate_up_b, down_w, down_b):
+        h, x = self.residual_norm(residual, project(attn, o_w, o_b), norm_w, eps)
+        return h + project(self.act(project(x, gate_up_w, gate_up_b)), down_w, down_b)
 
 
 @dataclass
@@ -159,7 +195,7 @@ def fused_layer_forward(
     attn, mlp = self.self_attn, self.mlp
     ln1, ln2 = self.input_layernorm, self.post_attention_layernorm
     cos, sin = position_embeddings
-    q, k, v = f.pre(hidden_states, ln1.weight, ln1.variance_epsilon, *_wb(attn.qkv_proj),
+    q, k, v = f.pre(hidden_states, ln1.weight, ln1.variance_epsilon, *weight_and_bias(attn.qkv_proj),
                     cos, sin, f.sizes, f.head_dim)  # fmt: skip
     if past_key_values is not None:
         k, v = past_key_values.update(k, v, attn.layer_idx)
@@ -169,29 +205,36 @@ def fused_layer_forward(
     kwargs |= {"position_ids": position_ids, "use_cache": use_cache}  # as transformers' layer hands them on
     out, _ = interface(attn, q, k, v, attention_mask, dropout=0.0, scaling=attn.scaling, **kwargs)
     out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
-    return f.post(out, hidden_states, *_wb(attn.o_proj), ln2.weight, ln2.variance_epsilon,
-                  *_wb(mlp.gate_up_proj), *_wb(mlp.down_proj))  # fmt: skip
+    return f.post(out, hidden_states, *weight_and_bias(attn.o_proj), ln2.weight, ln2.variance_epsilon,
+                  *weight_and_bias(mlp.gate_up_proj), *weight_and_bias(mlp.down_proj))  # fmt: skip
 
 
-def _wb(m: nn.Module) -> tuple:
+def weight_and_bias(m: nn.Module) -> tuple:
     """(weight, bias) of a plain Linear; (the module, None) of a 4-bit one, which `project` calls."""
     return (m.weight, m.bias) if isinstance(m, nn.Linear) else (m, None)
 
 
-_COMPILED: dict[str, tuple] = {}
+_COMPILED: dict[tuple, tuple] = {}
 
 
-def compiled_parts(backend="inductor") -> tuple:
-    """The two layer functions compiled once per process and backend (shared by every layer and model).
-    Shapes: the token count is specialised on first use and becomes dynamic at the second (one compile
-    serves every batch bucket and prompt length)."""
-    if backend not in _COMPILED:
+def compiled_parts(backend="inductor", products: str = "tensors") -> tuple:
+    """A layer's (pre, post) compiled once per process, backend and kind of projections (shared by every layer
+    and model): `tensors` (plain weights) compiles the two layer functions whole; `modules` (4-bit modules)
+    compiles the pieces between the products (`AroundProducts`). Shapes: the token count is specialised on
+    first use and becomes dynamic at the second (one compile serves every batch bucket and prompt length)."""
+    key = (backend, products)
+    if key not in _COMPILED:
         raise_recompile_limit()
-        _COMPILED[backend] = (
-            torch.compile(attention_inputs, backend=backend, fullgraph=True),
-            torch.compile(attention_output_and_mlp, backend=backend, fullgraph=True),
-        )
-    return _COMPILED[backend]
+
+        def compiled(fn):
+            return torch.compile(fn, backend=backend, fullgraph=True)
+
+        if products == "tensors":
+            _COMPILED[key] = (compiled(attention_inputs), compiled(attention_output_and_mlp))
+        else:
+            around = AroundProducts(compiled(rms_norm), compiled(rotary), compiled(add_rms_norm), compiled(silu_mul))
+            _COMPILED[key] = (around.pre, around.post)
+    return _COMPILED[key]
 
 
 def raise_recompile_limit(limit: int = 64) -> None:
@@ -205,16 +248,17 @@ def raise_recompile_limit(limit: int = 64) -> None:
 
 def fuse_model(model: nn.Module, compile: bool = False, backend="inductor") -> int:
     """Fuse every decoder layer that fits (idempotent). Returns how many layers are fused now."""
-    pre, post = compiled_parts(backend) if compile else (attention_inputs, attention_output_and_mlp)
+    eager = (attention_inputs, attention_output_and_mlp)
     layers = decoder_layers(model)
     done = 0
     with torch.no_grad():
         for layer in layers:
             if fusable(layer):
-                _fuse_layer(layer, pre, post)
+                _fuse_layer(layer, *eager)
             fused = getattr(layer, FUSED_MARK, None)
-            if fused is not None:  # fused earlier: switch to this call's functions (eager <-> compiled)
-                fused.pre, fused.post = pre, post
+            if fused is not None:  # fused here or earlier (4-bit layers: at load): this call's functions
+                products = "tensors" if isinstance(layer.self_attn.qkv_proj, nn.Linear) else "modules"
+                fused.pre, fused.post = compiled_parts(backend, products) if compile else eager
                 done += 1
     if done < len(layers):
         log.info("fused %d of %d decoder layers (the others keep transformers' forward)", done, len(layers))

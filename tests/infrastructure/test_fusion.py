@@ -102,6 +102,7 @@ def test_compile_setting_resolves_per_device():
     assert resolve_compile("auto", cpu, False, "none") == "off"
     assert resolve_compile("auto", cuda, True, "none") == "on"
     assert resolve_compile("auto", cuda, True, "bnb-4bit") == "off"
+    assert resolve_compile("auto", cuda, True, "awq") == resolve_compile("auto", cuda, True, "gptq") == "on"
     assert resolve_compile("auto", cuda, False, "none") == "off"
     assert resolve_compile("merge", cpu, False, "none") == "merge"
     with pytest.raises(ValueError):

@@ -128,6 +128,44 @@ def test_convert_model_repacks_merges_and_matches_the_dequantised_model():
     assert torch.allclose(after, before, atol=1e-5, rtol=1e-5)
 
 
+def test_compiled_4bit_layers_compile_the_pieces_between_the_products_once():
+    """COMPILE=on over repacked 4-bit layers: the products stay the modules' own kernels, the norms, rotary,
+    residual and SiLU·up run as compiled pieces shared by every layer (4 graphs, then one more each when the
+    token count turns dynamic, however many layers), and the logits equal the eager fused model's."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from infrastructure.engine.fusion import AroundProducts, fuse_model
+
+    compiles: list = []
+
+    def counting(gm, example_inputs):
+        compiles.append(gm)
+        return gm.forward
+
+    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
+                         num_hidden_layers=3, vocab_size=300)  # fmt: skip
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    for layer in model.model.layers:
+        for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
+            for name in names:
+                setattr(owner, name, _FakeAwq(getattr(owner, name)))
+    assert convert_model(model, "awq-gemm", DequantisedLinear)["fused_layers"] == 3
+    short, long = torch.tensor([[1, 20, 33, 120, 7, 99]]), torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    with torch.no_grad():
+        eager = [model(ids).logits for ids in (short, long)]
+        assert fuse_model(model, compile=True, backend=counting) == 3
+        fused = getattr(model.model.layers[0], FUSED_MARK)
+        assert isinstance(fused.pre.__self__, AroundProducts)  # not the whole-layer functions: modules inside
+        compiled = [model(ids).logits for ids in (short, long)]
+        assert len(compiles) == 8  # 4 pieces, each once static and once dynamic in the token count
+        model(torch.tensor([[3, 4, 5]]))
+    assert len(compiles) == 8
+    for got, want in zip(compiled, eager):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_kernel_choice_and_loading_backend(monkeypatch):
     import infrastructure.quant_gemlite as qg
 
