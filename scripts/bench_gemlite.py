@@ -4,6 +4,7 @@ runs it: merged q/k/v and gate/up) vs gptqmodel's AWQ Triton kernel (the library
     python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 1,64 --out OUT/gemm.json            # GPU
     python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 1 --tune --out OUT/gemm.json        # + autotune
     python -m scripts.bench_gemlite --arch tiny-llama --rows 1,4 --device cpu --out /tmp/gemm.json   # CPU: the flow
+    python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 1,4,16,64 --torch-int4 --out OUT/gemm.json  # + tinygemm
 
 Random AWQ "gemm" tensors per shape (several copies, more bytes than the L2 cache, cycled), unpacked and packed
 for GemLite as `infrastructure/quant_gemlite.py` does at load; GemLite's configs settled as at load
@@ -43,6 +44,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--tune-out", type=Path, default=None, help="where the tuned configs go (JSON)")
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--variants", default="", help="GemLite kernels also timed by name, e.g. GEMM_SPLITK,GEMM")
+    p.add_argument("--torch-int4", action="store_true", help="also time torch's own int4 kernel (tinygemm)")
     return p.parse_args(argv)
 
 
@@ -59,6 +61,20 @@ def shapes(arch: str) -> dict[str, tuple[int, int]]:
         "gate_up": (2 * c.intermediate_size, c.hidden_size),
         "down": (c.hidden_size, c.intermediate_size),
     }
+
+
+def torch_int4(parts: QuantParts, device: str):
+    """torch's own 4-bit kernel (tinygemm, `aten._weight_int4pack_mm`; `_for_cpu` on the CPU) on the same parts, as
+    a candidate beside GemLite: it takes W = (q - 8) * scale + zero in bfloat16, so AWQ's zero z becomes
+    (8 - z) * scale. Returns fn(x) -> x @ W.t() (x cast to bfloat16)."""
+    scales, zeros = parts.scales.float(), parts.zeros.float()
+    table = torch.stack([scales, (8 - zeros) * scales], 2).transpose(0, 1).contiguous().to(torch.bfloat16)
+    codes = parts.codes.to(torch.int32)
+    if device == "cuda":
+        packed = torch._convert_weight_to_int4pack((codes[:, ::2] << 4 | codes[:, 1::2]).to(torch.uint8), 8)
+        return lambda x: torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, parts.group, table)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
+    return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, parts.group, table)
 
 
 def awq_copies(n: int, k: int, copies: int, device: str) -> list[dict[str, torch.Tensor]]:
@@ -107,6 +123,14 @@ def measure(name: str, n: int, k: int, rows: int, args, lins=None) -> dict:
     reference = x.float() @ QuantParts(codes, scales, zeros, None, GROUP).dequantise().t()
     error = (lins[0](x).float() - reference).abs().max() / reference.abs().max()
     out["gemlite_rel_error"] = float(error)
+    if args.torch_int4:  # torch's tinygemm on the same weights (its own packing; bfloat16 activations)
+        int4 = []
+        for w in weights:
+            c, z, sc = unpack_awq_gemm(w["qweight"], w["qzeros"], w["scales"], GROUP)
+            int4.append(torch_int4(QuantParts(c, sc, z, None, GROUP), device))
+        out["torch_int4_us"] = timed(lambda i: int4[i % len(int4)](x), args.reps, device)
+        out["torch_int4_tbps"] = packed_bytes / out["torch_int4_us"] / 1e6
+        out["torch_int4_rel_error"] = float((int4[0](x).float() - reference).abs().max() / reference.abs().max())
     if device == "cuda":
         from gemlite import core
         from gemlite.triton_kernels.utils import get_closest_m
