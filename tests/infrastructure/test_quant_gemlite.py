@@ -100,11 +100,12 @@ class _FakeAwq(nn.Module):
         return x @ unpack_awq({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}, 128).t()
 
 
-def test_convert_model_repacks_merges_and_matches_the_dequantised_model():
+def _awq_llama(layers: int) -> nn.Module:
+    """A small random Llama whose projections are AWQ-packed modules (as transformers loads a checkpoint)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=2, vocab_size=300)  # fmt: skip
+                         num_hidden_layers=layers, vocab_size=300)  # fmt: skip
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).eval()
     for layer in model.model.layers:
@@ -112,6 +113,11 @@ def test_convert_model_repacks_merges_and_matches_the_dequantised_model():
                              (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
             for name in names:
                 setattr(owner, name, _FakeAwq(getattr(owner, name)))
+    return model
+
+
+def test_convert_model_repacks_merges_and_matches_the_dequantised_model():
+    model = _awq_llama(2)
     model.model.layers[1].mlp.register_forward_hook(lambda *args: None)  # a hooked layer is not fused
     ids = torch.tensor([[1, 20, 33, 120, 7, 99]])
     with torch.no_grad():
@@ -132,8 +138,6 @@ def test_compiled_4bit_layers_compile_the_pieces_between_the_products_once():
     """COMPILE=on over repacked 4-bit layers: the products stay the modules' own kernels, the norms, rotary,
     residual and SiLU·up run as compiled pieces shared by every layer (4 graphs, then one more each when the
     token count turns dynamic, however many layers), and the logits equal the eager fused model's."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from infrastructure.engine.fusion import AroundProducts, fuse_model
 
     compiles: list = []
@@ -142,15 +146,7 @@ def test_compiled_4bit_layers_compile_the_pieces_between_the_products_once():
         compiles.append(gm)
         return gm.forward
 
-    config = LlamaConfig(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2,
-                         num_hidden_layers=3, vocab_size=300)  # fmt: skip
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
-    for layer in model.model.layers:
-        for owner, names in ((layer.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
-                             (layer.mlp, ("gate_proj", "up_proj", "down_proj"))):  # fmt: skip
-            for name in names:
-                setattr(owner, name, _FakeAwq(getattr(owner, name)))
+    model = _awq_llama(3)
     assert convert_model(model, "awq-gemm", DequantisedLinear)["fused_layers"] == 3
     short, long = torch.tensor([[1, 20, 33, 120, 7, 99]]), torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
     with torch.no_grad():
