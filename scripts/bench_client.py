@@ -6,6 +6,7 @@ import asyncio
 import json
 import math
 import socket
+import statistics
 import threading
 import time
 from dataclasses import dataclass, field
@@ -130,6 +131,47 @@ def run_arrivals_sync(base_url: str, bodies: list[dict], offsets: list[float]) -
 def run_concurrent_sync(base_url: str, bodies: list[dict]) -> tuple[list[StreamResult], float]:
     """`run_concurrent` for a worker process: the clients then do not share the server's GIL."""
     return asyncio.run(run_concurrent(base_url, bodies))
+
+
+def floor_app():
+    """An app that answers CHAT_ROUTE at once with two SSE frames (no model): the HTTP floor's server. It records
+    when each request's body was read (`app.state.arrivals`, perf_counter)."""
+    from starlette.applications import Starlette
+    from starlette.responses import StreamingResponse
+    from starlette.routing import Route
+
+    async def chat(request):
+        await request.body()
+        request.app.state.arrivals.append(time.perf_counter())
+
+        async def frames():
+            yield b'data: {"token": 1}\n\n'
+            yield b'data: {"done": true}\n\n'
+
+        return StreamingResponse(frames(), media_type="text/event-stream")
+
+    app = Starlette(routes=[Route(CHAT_ROUTE, chat, methods=["POST"])])
+    app.state.arrivals = []
+    return app
+
+
+def http_floor(clients, bodies: list[dict]) -> dict:
+    """The W2 bodies, sent the same way (`clients`: the worker pool the workloads use) to `floor_app` on a server
+    of its own: what the client harness, uvicorn and the machine's loopback network cost before any server work,
+    the floor under W2's time to first token and its "requests reach the engine"."""
+    app = floor_app()
+    with ServerThread(app) as server:
+        results, _ = clients.submit(run_concurrent_sync, server.url, bodies).result()
+    arrivals, started = app.state.arrivals, [r.started for r in results]
+    ttft = [r.ttft for r in results]
+    return {
+        "requests": len(results),
+        "to_server_p50_ms": 1000 * (statistics.median(arrivals) - statistics.median(started)),
+        "first_arrival_ms": 1000 * (min(arrivals) - min(started)),
+        "arrival_spread_ms": 1000 * (max(arrivals) - min(arrivals)),
+        "ttft_p50_ms": 1000 * statistics.median(ttft),
+        "ttft_p99_ms": 1000 * percentile(ttft, 99),
+    }
 
 
 def percentile(values: list[float], q: float) -> float:

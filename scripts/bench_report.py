@@ -39,6 +39,13 @@ def rows(n: dict) -> list[tuple[str, str, float | None, str]]:
                 (name, "prefill ms, summed", r["prefill_ms_total"], ""),
                 (name, "prefill end → client's first frame p50 ms", r["first_frame_after_prefill_p50_ms"], ""),
             ]
+    if "w2_http_floor" in n:  # the same bodies against an app that answers at once: harness + HTTP + loopback
+        floor = n["w2_http_floor"]
+        name = f"W2 HTTP floor ({floor['requests']} clients, no model)"
+        out += [
+            (name, "client send → server p50 ms", floor["to_server_p50_ms"], ""),
+            (name, "TTFT p99 ms", floor["ttft_p99_ms"], ""),
+        ]
     steered, plain, seq = (n[k]["tokens_per_s"] for k in ("w2_steered", "w2_unsteered", "w2_one_at_a_time"))
     out += [
         ("W2 distinct vectors ÷ no steering", "throughput ratio", steered / plain, "≥ 0.9 (H100, 7B)"),

@@ -11,7 +11,8 @@ tokens); clients stream POST /v1/steer/completion-chat. Workloads:
   W1 one steered client: decode tokens/s and % of the HBM roofline (copy bandwidth / weight bytes);
   W2 N concurrent clients with distinct vectors, the same unsteered, and the same steered against
      a one-request-at-a-time engine (max_batch_size=1, the seeds' design): aggregate tokens/s,
-     p50/p99 time to first token and inter-token latency;
+     p50/p99 time to first token and inter-token latency; then the steered bodies against an app that
+     answers at once (`w2_http_floor`: the client harness, uvicorn and the loopback network alone);
   W3 a STEERED+DEFAULT request vs a DEFAULT-only one: wall-time ratio (median of repeats);
   W4 assistant-axis monitoring on vs off (the W2 steered workload, run back to back): throughput ratio;
   W5 mixed lengths: N-1 short clients + 1 long prompt (6,000 tokens on GPU), distinct vectors: the short
@@ -52,6 +53,7 @@ from scripts.bench_archs import ARCHS, build_random_model, copy_bandwidth, weigh
 from scripts.bench_client import (
     CHAT_ROUTE,
     ServerThread,
+    http_floor,
     http_stack,
     latency_summary,
     run_arrivals_sync,
@@ -319,6 +321,11 @@ class Bench:
         r.pop("_results")
         self.results[name] = r
 
+    def w2_floor(self) -> None:
+        """W2's steered bodies sent the same way to an app that answers at once (`bench_client.http_floor`)."""
+        bodies = [self.body(i, ["STEERED"], True) for i in range(self.args.clients)]
+        self.results["w2_http_floor"] = http_floor(self.clients, bodies)
+
     def w3(self) -> None:
         pair, single = [], []
         for i in range(self.args.repeats):
@@ -411,6 +418,7 @@ def run_workloads(bench: Bench, runtime: Runtime, axis: AssistantAxis) -> None:
     timed("W1", bench.w1)
     timed("W2 steered", bench.w2, "w2_steered", True)
     timed("W2 unsteered", bench.w2, "w2_unsteered", False)
+    timed("W2 HTTP floor (no model)", bench.w2_floor)
     if bench.args.sample_stacks:  # W2 steered again (new vectors), its threads' stacks sampled
         timed("W2 steered, stacks sampled", bench.w2, "w2_steered_sampled", True, None, bench.args.sample_stacks)
     timed("W3", bench.w3)

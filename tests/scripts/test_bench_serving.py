@@ -34,6 +34,8 @@ EXPECTED_ROWS = [
             "prefill end → client's first frame p50 ms",
         )
     ],
+    ("W2 HTTP floor (3 clients, no model)", "client send → server p50 ms"),
+    ("W2 HTTP floor (3 clients, no model)", "TTFT p99 ms"),
     ("W2 distinct vectors ÷ no steering", "throughput ratio"),
     ("W2 batched ÷ one at a time", "throughput ratio"),
     ("W3 STEERED+DEFAULT ÷ DEFAULT only", "wall-time ratio"),
@@ -113,6 +115,8 @@ def test_every_request_decoded_its_forced_length(smoke):
         assert run["requests"] == 3
         assert run["tokens"] == run["expected_tokens"] == 3 * numbers["new_tokens"], name
     assert numbers["w1"]["tokens"] == numbers["new_tokens"]
+    floor = numbers["w2_http_floor"]  # the W2 bodies against an app that answers at once
+    assert floor["requests"] == 3 and 0 < floor["to_server_p50_ms"] < floor["ttft_p99_ms"]
     for name in ("w5", "w6_alone", "w6_mixed", "w7"):
         run = numbers[name]
         assert run["tokens"] == run["expected_tokens"] > 0, name
