@@ -23,7 +23,7 @@ from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.model_loader import LoadedModel
 from infrastructure.steering.spec import Capture, SteeringSpec, add_op
 from scripts.bench_archs import ARCHS
-from scripts.bench_serving import load
+from scripts.bench_setup import load
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -35,7 +35,7 @@ from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.engine.runner import ModelRunner, Work
 from infrastructure.steering.spec import SteeringSpec, add_op
 from scripts.bench_archs import ARCHS, copy_bandwidth, weight_bytes
-from scripts.bench_serving import load
+from scripts.bench_setup import load
 from scripts.check_paged_kernels import Rows, timed
 
 

@@ -24,7 +24,7 @@ from infrastructure.engine.engine import PersonaEngine
 from infrastructure.engine.grammar import Constraint, _bitmasks, constrain, json_schema_grammar
 from infrastructure.engine.job import GenerationJob, RowFinished, RowRequest, SamplingParams
 from scripts.bench_archs import ARCHS
-from scripts.bench_serving import load
+from scripts.bench_setup import load
 
 SCHEMA = {
     "type": "object",

@@ -161,3 +161,38 @@ class StackSampler:
 
     def top(self, n: int) -> list[list]:
         return [[count, thread, where] for (thread, where), count in self.counts.most_common(n)]
+
+
+class KVWatch:
+    """Samples the paged engine's KV blocks every step: peak blocks used, and blocks used × block size over
+    the tokens whose keys/values are in the cache (1.0 = no waste beyond partly filled last blocks)."""
+
+    def __init__(self, engine) -> None:
+        self.engine, self.peak_blocks, self.ratios = engine, 0, []
+
+    def __enter__(self) -> KVWatch:
+        def step(info: dict) -> None:
+            if info.get("kv_cached_tokens"):
+                self.peak_blocks = max(self.peak_blocks, info["kv_used_blocks"])
+                self.ratios.append(info["kv_used_blocks"] * info["kv_block_size"] / info["kv_cached_tokens"])
+
+        self._unsubscribe = self.engine.observers.subscribe(step=step)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unsubscribe()
+
+    def summary(self) -> dict:
+        kv = self.engine.kv_stats()
+        if not kv or not self.ratios:
+            return {}
+        per_token = getattr(self.engine, "kv_bytes_per_token", 0)
+        return {
+            "kv_peak_blocks": self.peak_blocks,
+            "kv_peak_gb": self.peak_blocks * kv["kv_block_size"] * per_token / 1e9,
+            "kv_pool_gb": kv["kv_blocks_total"] * kv["kv_block_size"] * per_token / 1e9,
+            "kv_used_over_live_max": max(self.ratios),
+            "kv_used_over_live_median": statistics.median(self.ratios),
+            "prefix_hit_rate": kv["prefix_hit_rate"],
+            "preemptions": kv["preemptions"],
+        }

@@ -26,7 +26,7 @@ from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.steering.hooks import our_hooks
 from infrastructure.steering.spec import SteeringSpec, add_op, cap_op
 from scripts.bench_archs import ARCHS
-from scripts.bench_serving import load
+from scripts.bench_setup import load
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

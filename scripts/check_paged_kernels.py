@@ -22,7 +22,7 @@ import torch
 from app.settings import Settings
 from infrastructure.engine.runner import ModelRunner, Work
 from scripts.bench_archs import ARCHS
-from scripts.bench_serving import load
+from scripts.bench_setup import load
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:

@@ -21,7 +21,7 @@ from app.settings import Settings
 from infrastructure.engine.graphs import DecodeGraphs
 from infrastructure.engine.runner import ModelRunner, Work
 from scripts.bench_archs import ARCHS
-from scripts.bench_serving import load
+from scripts.bench_setup import load
 from scripts.check_paged_kernels import Rows, timed
 
 FA = torch.ops.aten._flash_attention_forward
