@@ -77,8 +77,9 @@ class PagedStart:
             full = min(self.step_tokens, self.context_len - 4)
             prompts.append((hello * (full // len(hello) + 1))[:full])
         if self.compile_mode == "on":  # another prompt length: the compiled layers become dynamic in it now, not
-            n = 64 if self.step_tokens != 64 else 32  # at the first request (a compile: seconds, every stream waits)
-            prompts.append((hello * n)[: min(n, self.context_len - 4)])
+            n = 64 if self.step_tokens != 64 else 32  # at the first request (a compile: seconds, every stream waits);
+            other = tuple(self.tokenizer("Warm up")["input_ids"]) or hello  # other tokens: no prefix-cache hit
+            prompts.append((other * n)[: min(n, self.context_len - 4)])
         started = time.perf_counter()
         for ids in prompts or [hello]:
             self._admit([GenerationJob([RowRequest(ids, SamplingParams(max_new_tokens=2))])])
