@@ -62,6 +62,10 @@ def _init(rank: int, world: int, port: int, device: str, timeout_s: float, graph
     backend = "nccl" if device == "cuda" else "gloo"
     patience = timedelta(seconds=max(timeout_s, START_TIMEOUT_S))
     store = dist.TCPStore("127.0.0.1", port, world, is_master=rank == 0, timeout=patience)
+    # every rank present first (a worker imports torch for seconds on a busy CPU): the group's own timeout, the
+    # collectives' TENSOR_PARALLEL_TIMEOUT_S, then bounds only the connections, not another rank's start-up
+    store.set(f"persona/joined/{rank}", "1")
+    store.wait([f"persona/joined/{r}" for r in range(world)], patience)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s))
     if not (graph_comm and device == "cuda"):
         return None
@@ -226,8 +230,12 @@ class TensorParallelGroup:
             self.conns.append(ours)
         self._watchdog = threading.Thread(target=self._watch, name="tp-watchdog", daemon=True)
         self._watchdog.start()
-        graph_group = _init(0, self.world, port, **self.options)
-        loaded = self.source.load(0, self.world, dist.group.WORLD)
+        try:
+            graph_group = _init(0, self.world, port, **self.options)
+            loaded = self.source.load(0, self.world, dist.group.WORLD)
+        except Exception as exc:  # a worker that failed first (its load) breaks rank 0's connections: its error
+            cause = self._worker_error(5.0)  # is the cause to report, not "connection closed by peer"
+            raise ModelLoadError(f"tensor-parallel {cause or f'rank 0: {type(exc).__name__}: {exc}'}") from exc
         use_graph_group(loaded.model, graph_group)
         for rank, conn in enumerate(self.conns, start=1):
             try:
@@ -239,6 +247,21 @@ class TensorParallelGroup:
             if kind != "ready":
                 raise ModelLoadError(f"tensor-parallel {detail}")
         return loaded
+
+    def _worker_error(self, wait_s: float) -> str | None:
+        """A worker's reported start-up error (or the watchdog's account of its exit) within `wait_s` seconds."""
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            if self.failure:
+                return self.failure.removeprefix("tensor-parallel ")
+            for conn in self.conns:
+                with suppress(Exception):
+                    if conn.poll():
+                        kind, detail = conn.recv()
+                        if kind == "error":
+                            return detail
+            time.sleep(0.05)
+        return None
 
     def send(self, message: tuple) -> None:
         """Hand a message to every worker (raises when one is gone)."""
