@@ -100,34 +100,32 @@ def timed(fn, reps: int, device: str) -> float:
     return time_graph(fn, reps)
 
 
-def measure(name: str, n: int, k: int, rows: int, args, lins=None) -> dict:
+def measure(name: str, n: int, k: int, rows: int, args) -> dict:
     """One shape at one row count: GemLite, gptqmodel's Triton (GPU only) and fp16, with bytes and errors."""
     device = args.device
     packed_bytes = k * n // 2 + (k // GROUP) * n * 4  # codes + float16 scales and zeros
     copies = max(2, min(8, L2_BYTES // packed_bytes))
     weights = awq_copies(n, k, copies, device)
-    cls = DequantisedLinear if device != "cuda" else None
-    if lins is None:
+    parts = []  # each copy unpacked once: GemLite, the reference and torch's int4 kernel take the same parts
+    for w in weights:
+        codes, zeros, scales = unpack_awq_gemm(w["qweight"], w["qzeros"], w["scales"], GROUP)
+        parts.append(QuantParts(codes, scales, zeros, None, GROUP))
+    if device == "cuda":
         from infrastructure.quant_gemlite import gemlite_class
 
-        cls = cls or gemlite_class()
-        lins = []
-        for w in weights:
-            codes, zeros, scales = unpack_awq_gemm(w["qweight"], w["qzeros"], w["scales"], GROUP)
-            lins.append(build_linear(QuantParts(codes, scales, zeros, None, GROUP), cls))
+        cls = gemlite_class()
+    else:
+        cls = DequantisedLinear
+    lins = [build_linear(p, cls) for p in parts]
     dtype = torch.float16 if device == "cuda" else torch.float32
     x = torch.randn(rows, k, device=device, dtype=dtype)
     out: dict = {"shape": name, "n": n, "k": k, "rows": rows, "packed_mb": packed_bytes / 1e6}
     out["gemlite_us"] = timed(lambda i: lins[i % len(lins)](x), args.reps, device)
-    codes, zeros, scales = unpack_awq_gemm(weights[0]["qweight"], weights[0]["qzeros"], weights[0]["scales"], GROUP)
-    reference = x.float() @ QuantParts(codes, scales, zeros, None, GROUP).dequantise().t()
+    reference = x.float() @ parts[0].dequantise().t()
     error = (lins[0](x).float() - reference).abs().max() / reference.abs().max()
     out["gemlite_rel_error"] = float(error)
     if args.torch_int4:  # torch's tinygemm on the same weights (its own packing; bfloat16 activations)
-        int4 = []
-        for w in weights:
-            c, z, sc = unpack_awq_gemm(w["qweight"], w["qzeros"], w["scales"], GROUP)
-            int4.append(torch_int4(QuantParts(c, sc, z, None, GROUP), device))
+        int4 = [torch_int4(p, device) for p in parts]
         out["torch_int4_us"] = timed(lambda i: int4[i % len(int4)](x), args.reps, device)
         out["torch_int4_tbps"] = packed_bytes / out["torch_int4_us"] / 1e6
         out["torch_int4_rel_error"] = float((int4[0](x).float() - reference).abs().max() / reference.abs().max())
