@@ -38,6 +38,7 @@ def engine_options(s: Settings) -> dict:
         gpu_memory_utilization=s.gpu_memory_utilization,
         max_unread_tokens=s.max_unread_tokens,
         compile=s.compile,
+        overlap=s.overlap_schedule,
         compile_cache_dir=str(s.model_cache_dir / "torch_compile"),
     )
 

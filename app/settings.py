@@ -122,6 +122,11 @@ class Settings(BaseSettings):
         description="Paged engine: fused decoder layers (merged q/k/v and gate/up projections) compiled with "
         "torch.compile; auto = on for one unquantised CUDA GPU, off elsewhere; merge = fused but eager.",
     )
+    overlap_schedule: bool = Field(
+        default=True,
+        description="Paged engine: queue the next decode step on the GPU before this one's tokens reach the host "
+        "when every row decodes greedily (its input ids taken from the device).",
+    )
     kv_block_size: int = Field(default=16, ge=1, le=1024, description="Token positions per paged KV block.")
     kv_cache_tokens: int = Field(
         default=0, ge=0, description="Paged KV cache size in tokens; 0 = from GPU_MEMORY_UTILIZATION (CPU: 2,048/row)."

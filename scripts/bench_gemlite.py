@@ -5,6 +5,7 @@ runs it: merged q/k/v and gate/up) vs gptqmodel's AWQ Triton kernel (the library
     python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 1 --tune --out OUT/gemm.json        # + autotune
     python -m scripts.bench_gemlite --arch tiny-llama --rows 1,4 --device cpu --out /tmp/gemm.json   # CPU: the flow
     python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 1,4,16,64 --torch-int4 --out OUT/gemm.json  # + tinygemm
+    python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 1,16,64 --marlin --out OUT/gemm.json     # + Marlin
 
 Random AWQ "gemm" tensors per shape (several copies, more bytes than the L2 cache, cycled), unpacked and packed
 for GemLite as `infrastructure/quant_gemlite.py` does at load; GemLite's configs settled as at load
@@ -14,6 +15,8 @@ TB/s (packed 4-bit weights + float16 scales and zeros / time; fp16: the float16 
 error against the dequantised weight in float32 relative to the output's largest magnitude. `--tune` then
 autotunes GemLite for the same shapes and rows (Triton's autotuner, GemLite's "fast" candidates), times again,
 and writes the chosen configs of these shapes to --tune-out (the per-GPU file `gemlite_configs.settle` loads).
+`--marlin` adds gptqmodel's AWQ Marlin module on the same tensors (its own repacking at `post_init`; the library
+compiles its CUDA extension with nvcc on first use, minutes: the build time is in the report).
 The report is rewritten after every shape (a cut run keeps what it measured).
 """
 
@@ -45,6 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--budget-s", type=float, default=1e9)
     p.add_argument("--variants", default="", help="GemLite kernels also timed by name, e.g. GEMM_SPLITK,GEMM")
     p.add_argument("--torch-int4", action="store_true", help="also time torch's own int4 kernel (tinygemm)")
+    p.add_argument("--marlin", action="store_true", help="also time gptqmodel's AWQ Marlin kernel (built on first use)")
     return p.parse_args(argv)
 
 
@@ -75,6 +79,30 @@ def torch_int4(parts: QuantParts, device: str):
         return lambda x: torch._weight_int4pack_mm(x.to(torch.bfloat16), packed, parts.group, table)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 2)
     return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, parts.group, table)
+
+
+def marlin_linear(w: dict[str, torch.Tensor], n: int, k: int):
+    """gptqmodel's AWQ Marlin module holding these AWQ "gemm" tensors, repacked by the library (`post_init`)."""
+    from gptqmodel.nn_modules.qlinear.marlin_awq import AwqMarlinLinear
+
+    lin = AwqMarlinLinear(4, GROUP, False, False, k, n, register_buffers=True, dtype=torch.float16)
+    lin = lin.to(w["qweight"].device)
+    for name in ("qweight", "qzeros", "scales"):
+        getattr(lin, name).data.copy_(w[name])
+    lin.post_init()
+    return lin
+
+
+def build_marlin() -> float:
+    """Compile (or load from its cache) gptqmodel's float16 Marlin extension; seconds taken."""
+    from gptqmodel.utils.marlin import prewarm_marlin_extension
+
+    started = time.perf_counter()
+    if not prewarm_marlin_extension(torch.float16):
+        from gptqmodel.utils.marlin import marlin_runtime_error
+
+        raise RuntimeError(f"gptqmodel's Marlin extension did not build: {marlin_runtime_error(torch.float16)}")
+    return time.perf_counter() - started
 
 
 def awq_copies(n: int, k: int, copies: int, device: str) -> list[dict[str, torch.Tensor]]:
@@ -129,6 +157,11 @@ def measure(name: str, n: int, k: int, rows: int, args) -> dict:
         out["torch_int4_us"] = timed(lambda i: int4[i % len(int4)](x), args.reps, device)
         out["torch_int4_tbps"] = packed_bytes / out["torch_int4_us"] / 1e6
         out["torch_int4_rel_error"] = float((int4[0](x).float() - reference).abs().max() / reference.abs().max())
+    if args.marlin:  # the library's Marlin on the same AWQ tensors
+        marlin = [marlin_linear(w, n, k) for w in weights]
+        out["marlin_us"] = timed(lambda i: marlin[i % len(marlin)](x), args.reps, device)
+        out["marlin_rel_error"] = float((marlin[0](x).float() - reference).abs().max() / reference.abs().max())
+        del marlin
     if device == "cuda":
         from gemlite import core
         from gemlite.triton_kernels.utils import get_closest_m
@@ -158,7 +191,7 @@ def measure(name: str, n: int, k: int, rows: int, args) -> dict:
             out["gptqmodel_triton_error"] = f"{type(exc).__name__}: {exc}"[:300]
         dense = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(max(1, min(4, L2_BYTES // (2 * n * k))))]
         out["fp16_cublas_us"] = timed(lambda i: x @ dense[i % len(dense)].t(), args.reps, device)
-    for key in ("gemlite", "gptqmodel_triton"):
+    for key in ("gemlite", "gptqmodel_triton", "marlin"):
         if f"{key}_us" in out:
             out[f"{key}_tbps"] = packed_bytes / out[f"{key}_us"] / 1e6
     if "fp16_cublas_us" in out:
@@ -233,6 +266,9 @@ def main(argv: list[str] | None = None) -> int:
 
         report["device"] = torch.cuda.get_device_name(0)
         report["configs"] = settle_shapes({(n, k, GROUP) for n, k in shapes(args.arch).values()}, None)
+    if args.marlin:
+        report["marlin_build_s"] = build_marlin()
+        print(f"Marlin extension ready in {report['marlin_build_s']:.0f} s", flush=True)
     save = lambda: args.out.write_text(json.dumps(report, indent=2, default=str))  # noqa: E731
     configs: dict = {}  # the tuned configs, GemLite's file format
     scratch = args.out.with_name("gemlite_all_configs.json")

@@ -76,6 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="paged attention kernel",
     )
     p.add_argument("--compile", default="auto", choices=["auto", "on", "merge", "off"], help="COMPILE")
+    p.add_argument("--overlap", default="on", choices=["on", "off"], help="OVERLAP_SCHEDULE")
     p.add_argument("--w5-long", type=int, default=None, help="W5 long prompt tokens (6,000 on GPU)")
     p.add_argument("--w6-long", type=int, default=None, help="W6 long prompt tokens (32,000 on GPU)")
     p.add_argument("--w7-requests", type=int, default=None, help="W7 requests (200)")
@@ -303,11 +304,12 @@ def run_all(args: argparse.Namespace) -> dict:
     if CHAT_ROUTE not in app.openapi()["paths"]:
         raise SystemExit(f"error: the server has no {CHAT_ROUTE} route; the benchmark streams through it")
     timed("model loaded, engine warmed", lambda: None)
-    startup = {"compile": batched.compile_mode, "engine_warmup_s": batched.warmup_seconds}
+    startup = {"compile": batched.compile_mode, "engine_warmup_s": batched.warmup_seconds, "overlap": batched.overlap}
     with ServerThread(app) as server:
         bench = Bench(args, runtime, loaded, server.url)
         run_workloads(bench, runtime, axis)
         bench.clients.shutdown()
+    startup["chained_steps"] = batched.chained_launches
     batched.stop()
     prompt_mean = statistics.mean(n for _, n in bench.prompts)
     return environment(args, loaded, axis_source) | {"prompt_tokens_mean": prompt_mean} | startup | bench.results
@@ -317,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bench_setup.ATTENTION[0] = args.attention
     bench_setup.COMPILE[0] = args.compile
+    bench_setup.OVERLAP[0] = args.overlap == "on"
     ONLY.update(w.strip() for w in (args.only or "").split(",") if w.strip())
     started = time.perf_counter()
     numbers = run_all(args)

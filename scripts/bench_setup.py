@@ -61,6 +61,7 @@ def load(args: argparse.Namespace, settings: Settings) -> LoadedModel:
 def start_engine(loaded: LoadedModel, max_batch_size: int, decode: str = "auto", **kw) -> ForcedLengthEngine:
     kw.setdefault("attention", ATTENTION[0])
     kw.setdefault("compile", COMPILE[0])
+    kw.setdefault("overlap", OVERLAP[0])
     engine = ForcedLengthEngine(loaded, max_batch_size=max_batch_size, max_queue=4096, decode=decode, **kw)
     engine.start()
     if not engine.wait_ready(600):
@@ -70,6 +71,7 @@ def start_engine(loaded: LoadedModel, max_batch_size: int, decode: str = "auto",
 
 ATTENTION = ["auto"]  # the paged attention kernel every engine of this run uses (--attention)
 COMPILE = ["auto"]  # COMPILE of every engine of this run (--compile)
+OVERLAP = [True]  # OVERLAP_SCHEDULE of every engine of this run (--overlap)
 
 
 def monitoring_axis(runtime: Runtime, loaded: LoadedModel) -> tuple[AssistantAxis, str]:

@@ -92,8 +92,9 @@ class DecodeGraphs:
         self.captures = 0
         self.replays = 0
 
-    def run(self, works: list[Work], row_tables: dict[int, SiteTable], rows_key: tuple):
-        """Replay (capturing first if due) the step's graph; None when this step should run eagerly."""
+    def run(self, works: list[Work], row_tables: dict[int, SiteTable], rows_key: tuple, feed=None):
+        """Replay (capturing first if due) the step's graph; None when this step should run eagerly. `feed`
+        (overlap.Feed): the rows' input ids and token-dependent steering bits, on the device."""
         n = len(works)
         if any(len(w.tokens) != 1 or not w.wants_logits for w in works):
             return None
@@ -120,6 +121,10 @@ class DecodeGraphs:
         self.inputs[:, :b].copy_(torch.tensor(host), non_blocking=True)
         bits = torch.tensor([[w.steer[0] for w in works] + [False] * pad])
         self.steer_mask[:, :b].copy_(bits, non_blocking=True)
+        if feed is not None:
+            self.inputs[0, :n].copy_(feed.tokens)
+            if feed.check is not None:
+                self.steer_mask[0, :n].copy_(feed.mask(self.steer_mask[0, :n]))
         static = self._static_tables(sig, row_tables)
         if self._filled != (sig, rows_key):
             for fixed, now in zip(leaves(static), leaves(row_tables)):

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
-
 import torch
 
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest
+from infrastructure.engine.launched import Launched
+from infrastructure.engine.overlap import OverlapSteps
 from infrastructure.engine.paged_rows import PagedRow, steering_key
 from infrastructure.engine.paged_start import PagedStart
 from infrastructure.engine.prompt_scores import row_scores, split_scored
@@ -30,29 +30,15 @@ from infrastructure.errors import GenerationError, RequestTimeoutError, TokenLim
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class Launched:
-    """A step whose forward is queued: its rows and their works, the rows in their prompt, the outputs."""
-
-    items: list[tuple[PagedRow, int]]
-    works: list[Work]
-    prefill: list[PagedRow]
-    logits: torch.Tensor | None
-    captured: dict
-    scored: list[tuple[PagedRow, int, torch.Tensor]]  # prompt scoring: (row, first position, its logits)
-    num_tokens: int
-    started: float
-    planned: torch.Tensor | None = None  # greedy rows: tokens and flags queued behind the forward (plan_greedy)
-
-
-class PagedLoop(PagedStart):
+class PagedLoop(OverlapSteps, PagedStart):
     # ---- the step's forward (a seam: tensor_parallel.py sends it to the other ranks first) ----
 
-    def _forward_step(self, works: list[Work], tables: dict):
+    def _forward_step(self, works: list[Work], tables: dict, feed=None):
         """One step's forward: a replayed CUDA graph when the step suits one, else the runner's eager forward.
-        Returns (logits of the rows that sample, captures)."""
-        replayed = self._graphs.run(works, tables, self._tables_for[0]) if self._graphs else None
-        return replayed or self._runner.execute(works, tables)
+        `feed`: a chained step's input tokens on the device (overlap.py). Returns (logits of the rows that
+        sample, captures)."""
+        replayed = self._graphs.run(works, tables, self._tables_for[0], feed) if self._graphs else None
+        return replayed or self._runner.execute(works, tables, feed)
 
     # ---- rows in and out ----
 
@@ -177,6 +163,8 @@ class PagedLoop(PagedStart):
         if launched is None:
             launched = self._launch_step()
         if launched is not None:
+            if self._may_chain(launched):  # the next step queued behind this one, before its tokens are read
+                self._ahead = self._chain(launched)
             self._collect_step(launched)
         elif self._sched.running and not self._sched.waiting:  # every running row waits for its reader
             with self._cv:
@@ -259,17 +247,19 @@ class PagedLoop(PagedStart):
                 if work.wants_logits:
                     next(tokens)
                 continue
-            row.record_span(step.captured, start, row.seq.computed, n)
+            if not step.advanced:  # (a chained step advanced its rows already)
+                row.seq.computed += n
+            row.record_span(step.captured, start, row.seq.computed - n, n)
             start += n
-            row.seq.computed += n
             self._publish(row)
             if work.wants_logits and row.max_new > 0:
                 token = next(tokens)
-                row.push(token)
+                row.fill(token) if step.advanced else row.push(token)
                 accepted.append((row, token))
             elif row.seq.computed >= row.prompt_len and row.max_new == 0:
                 row.finish_reason = "length"  # prefill-only row: its captures are the result
-        if not broken and len(accepted) == len(step.items) and self._may_run_ahead_paged(step, accepted):
+        ahead = self._ahead is None and not broken and len(accepted) == len(step.items)
+        if ahead and self._may_run_ahead_paged(step, accepted):
             try:
                 self._ahead = self._launch_step(ahead=True)
                 self.ahead_launches += self._ahead is not None

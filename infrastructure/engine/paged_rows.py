@@ -56,6 +56,18 @@ class PagedRow(Row):
         self.seq.tokens.append(token)
         self.steer_bits.extend(self.steer_mask([token], False, self.special_ids))
 
+    def fill(self, token: int) -> None:
+        """The sampled token replaces the placeholder a chained step left for it (overlap.py), with its real
+        steering bit."""
+        self.seq.tokens[-1] = token
+        self.steer_bits[-1] = self.steer_mask([token], False, self.special_ids)[0]
+
+    def bit_needs_token(self) -> bool:
+        """Whether this row's steering bit at a generated position depends on the token (special tokens
+        unsteered): a chained step computes it on the device (overlap.Feed)."""
+        spec = self.request.steering
+        return bool(self.steer_mask([0], False, frozenset())[0]) and not spec.steer_special_tokens
+
     def record_span(self, captured: dict[tuple[int, int], torch.Tensor], start: int, position: int, n: int) -> None:
         """Keep the captures of this row's positions [position, position+n) (flat step indices from start)."""
         skip = max(0, self.captured_upto - position)

@@ -69,6 +69,8 @@ class PagedStart:
         self._live = []  # the PagedRows holding a slot
         self._ahead = None  # Launched: the next step, launched before this one's tokens were streamed
         self.ahead_launches = 0
+        self.chained_launches = 0  # steps launched on the last one's device tokens (overlap.py)
+        self._specials = None  # the special token ids on the device (overlap.Feed)
         self._seq_ids = 0
         self._tables_for: tuple[tuple[int, ...], dict] | None = None
         hello = tuple(self.tokenizer("Hello")["input_ids"]) or (self.pad_id,)

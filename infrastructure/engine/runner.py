@@ -174,20 +174,24 @@ class ModelRunner:
         return layout
 
     def execute(
-        self, works: list[Work], row_tables: dict[int, SiteTable]
+        self, works: list[Work], row_tables: dict[int, SiteTable], feed=None
     ) -> tuple[torch.Tensor | None, dict[tuple[int, int], torch.Tensor]]:
         """Run one step eagerly. Returns float logits [k,V] of the works that want them (in order; None when
         no work does; a scoring work contributes a row per token, see `kept_rows`) and the captures
-        {(site, slot): [T] float} over the step's flat tokens."""
+        {(site, slot): [T] float} over the step's flat tokens. `feed` (overlap.Feed): a chained decode step's
+        input ids, one per row, and its token-dependent steering bits, on the device."""
         self.sync_tables(works)
         counts = [len(w.tokens) for w in works]
         keep = sum(counts)
         ids, positions, tok_slot, row_of_token = flat_inputs(works, counts).to(self.device, non_blocking=True)
+        if feed is not None:
+            ids = feed.tokens.to(self.device)
         ends, _ = kept_rows(counts, [w.score for w in works], [w.wants_logits for w in works])
         state = BatchSteering(tables=per_token(row_tables, row_of_token), apply=self.steer_fn)
         if state.steers:
             bits = np.fromiter(chain.from_iterable(w.steer for w in works), dtype=np.bool_, count=keep)
-            state.set_mask(torch.from_numpy(bits).reshape(1, -1).to(self.device, non_blocking=True))
+            mask = torch.from_numpy(bits).to(self.device, non_blocking=True)
+            state.set_mask((mask if feed is None else feed.mask(mask)).reshape(1, -1))
         layout = self.layout(works, positions, tok_slot)
         keep_index = torch.tensor(ends or [keep - 1]).to(self.device, non_blocking=True)
         with HookSet(self.model, state):

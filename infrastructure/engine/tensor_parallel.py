@@ -60,6 +60,7 @@ class TensorParallelEngine(PersonaEngine):
         # Every rank must run the same arithmetic on the replicated residual stream, and the workers build plain
         # runners: rank 0 neither fuses nor compiles (COMPILE=off; fused, compiled layers are one-process only).
         options["compile"] = "off"
+        options["overlap"] = False  # the other ranks take every step's input ids from rank 0's host
         super().__init__(loaded, **options)
         self.graph_reduce = graph_reduce  # TENSOR_PARALLEL_GRAPH_REDUCE; the mode in force once the runner is built
         if self.decode_mode != "paged":
