@@ -173,16 +173,23 @@ def _quantization(settings: LoadConfig, kwargs: dict, dtype: torch.dtype) -> tup
     return "none", {}
 
 
-def _to_gemlite(model: nn.Module, method: str, config_q, device: str, cache_dir: Path) -> None:
-    """Repack the loaded 4-bit modules for GemLite (`infrastructure/quant_gemlite.py`; on the CPU its dequantised
-    stand-in) and, on a GPU, settle its kernel configs (`infrastructure/gemlite_configs.py`)."""
+def _repack(model: nn.Module, method: str, config_q, device: str, cache_dir: Path, kernel: str) -> None:
+    """Repack the loaded 4-bit modules for GemLite (`infrastructure/quant_gemlite.py`) or Marlin
+    (`infrastructure/quant_marlin.py`); on the CPU their dequantised stand-in. On a GPU, GemLite's kernel configs
+    are settled (`infrastructure/gemlite_configs.py`)."""
     from infrastructure.quant_gemlite import DequantisedLinear, UnsupportedLayout, convert_model, layout_of
 
+    cls = DequantisedLinear
     try:
-        convert_model(model, layout_of(method, config_q), None if device == "cuda" else DequantisedLinear)
-    except UnsupportedLayout as exc:
-        raise ModelLoadError(f"QUANT_KERNEL=gemlite: {exc}") from exc
-    if device == "cuda":
+        if device == "cuda" and kernel == "marlin":
+            from infrastructure.quant_marlin import MarlinLinear, build_marlin
+
+            build_marlin()  # from gptqmodel's cache, or compiled now (minutes, logged by the library)
+            cls = MarlinLinear
+        convert_model(model, layout_of(method, config_q), None if device == "cuda" and kernel == "gemlite" else cls)
+    except (UnsupportedLayout, RuntimeError) as exc:
+        raise ModelLoadError(f"QUANT_KERNEL={kernel}: {exc}") from exc
+    if device == "cuda" and kernel == "gemlite":
         from infrastructure.gemlite_configs import settle
 
         settle(model, cache_dir)
@@ -216,8 +223,8 @@ def load_model(settings: LoadConfig, placement: dict | None = None) -> LoadedMod
         raise ModelLoadError(f"cannot load {weights_id}: {exc}. {QUANTISED_HINT}") from exc
     model.eval()
     model.requires_grad_(False)
-    if kernel == "gemlite":  # repacked for GemLite's kernels, their configs settled before any warm-up
-        _to_gemlite(model, quantization, config_q, device, settings.model_cache_dir)
+    if kernel in ("gemlite", "marlin"):  # repacked for GemLite's or Marlin's kernels, before any warm-up
+        _repack(model, quantization, config_q, device, settings.model_cache_dir, kernel)
     elif quantization == "awq":  # this GPU's measured Triton tile plans, before the engine warms its kernels
         register_awq_tiles(model, model.get_input_embeddings().weight.device)
     devices = sorted({str(p.device) for p in model.parameters()})

@@ -15,6 +15,9 @@ On CUDA with GemLite importable, `auto` goes further: the checkpoint loads onto 
 GEMV) modules, which never run, and `infrastructure/quant_gemlite.py` repacks every one for GemLite's
 kernels (several times faster at one decode row); act-order GPTQ and non-4-bit checkpoints stay on Triton.
 `QUANT_KERNEL=gemlite` asks for it explicitly (on the CPU: the same repacking, dequantised; for tests).
+`QUANT_KERNEL=marlin` repacks the same parts for gptqmodel's Marlin CUDA kernels (`infrastructure/quant_marlin.py`,
+faster than GemLite at every row count measured), compiled by the library with nvcc on first use (minutes; then
+cached); `auto` takes Marlin once that build is in the cache (`python -m scripts.build_marlin`).
 
 Both kernels compute in float16 on a GPU: the model's dtype is float16 there (AWQ's quantizer casts
 bfloat16 to float16 anyway), so the steering tables, which follow the model's dtype, are float16 too.
@@ -37,10 +40,8 @@ PREQUANTISED = ("awq", "gptq")
 KERNELS = {
     ("awq", "triton"): "gemm_triton",
     ("awq", "torch"): "torch_awq",
-    ("awq", "marlin"): "marlin",
     ("gptq", "triton"): "triton",
     ("gptq", "torch"): "torch",
-    ("gptq", "marlin"): "marlin",
 }
 
 
@@ -59,13 +60,15 @@ def prequantised_dtype(method: str, device: str, dtype: torch.dtype) -> torch.dt
 
 
 def resolve_kernel(method: str, config_q: Any, device: str, kernel: str) -> str:
-    """QUANT_KERNEL=auto: gemlite on CUDA where GemLite imports and takes the checkpoint, else triton on CUDA
-    and the library's pick on the CPU; explicit values are kept."""
+    """QUANT_KERNEL=auto on CUDA, for a checkpoint the repacking takes: marlin where gptqmodel's Marlin kernels are
+    already compiled in its cache, else gemlite where GemLite imports, else triton; the library's pick on the CPU.
+    Explicit values are kept."""
     if kernel != "auto":
         return kernel
     if device != "cuda":
         return "library"
     from infrastructure.quant_gemlite import UnsupportedLayout, gemlite_available, layout_of
+    from infrastructure.quant_marlin import marlin_built
 
     values = dict(config_q) if isinstance(config_q, dict) else config_q.to_dict()
     try:
@@ -74,6 +77,10 @@ def resolve_kernel(method: str, config_q: Any, device: str, kernel: str) -> str:
         return "triton"
     if method == "gptq" and values.get("desc_act"):
         return "triton"
+    _keep_allocator_settings()
+    if marlin_built():
+        return "marlin"
+    log.info("QUANT_KERNEL=auto: GemLite; Marlin is faster once built (python -m scripts.build_marlin, minutes)")
     return "gemlite" if gemlite_available() else "triton"
 
 
@@ -93,7 +100,7 @@ def prequantised_kwargs(method: str, config_q: Any, device: str, kernel: str = "
     _keep_allocator_settings()
     values = dict(config_q) if isinstance(config_q, dict) else config_q.to_dict()
     kernel = resolve_kernel(method, values, device, kernel)
-    if kernel == "gemlite":
+    if kernel in ("gemlite", "marlin"):  # loaded onto the layout's own modules, then repacked
         values["backend"] = _loading_backend(method, values, device)
     elif kernel != "library":
         if (method, kernel) not in KERNELS:

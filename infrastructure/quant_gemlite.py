@@ -226,9 +226,11 @@ def gemlite_available() -> bool:
 
 
 def build_linear(parts: QuantParts, cls) -> nn.Module:
-    """One packed module of `cls` (GemLite's linear or DequantisedLinear) from parts, float16 activations."""
+    """One packed module of `cls` (GemLite's linear, quant_marlin.MarlinLinear or DequantisedLinear) from parts,
+    float16 activations."""
     kwargs: dict[str, Any] = {}
-    if cls is not DequantisedLinear:
+    gemlite = cls.__module__.startswith("gemlite")
+    if gemlite:
         from gemlite import DType
 
         kwargs = {"input_dtype": DType.FP16, "output_dtype": DType.FP16}
@@ -236,7 +238,7 @@ def build_linear(parts: QuantParts, cls) -> nn.Module:
         W_nbits=BITS, group_size=parts.group, in_features=parts.in_features, out_features=parts.out_features, **kwargs
     )
     linear.pack(parts.codes, parts.scales, parts.zeros, bias=parts.bias, fma_mode=False)
-    if cls is not DequantisedLinear:  # our kernel choice per row count (gemlite_configs.kernel_for)
+    if gemlite:  # our kernel choice per row count (gemlite_configs.kernel_for)
         linear.forward = types.MethodType(_routed_forward, linear)
     return linear
 

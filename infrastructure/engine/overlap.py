@@ -22,6 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from infrastructure.engine.launched import Launched
+from infrastructure.engine.sampling import plan_greedy
+
 log = logging.getLogger(__name__)
 
 PENDING = -1  # the placeholder of a token still on the device
@@ -63,9 +66,6 @@ class OverlapSteps:
         """Advance the rows of the launched step `step` by one position and launch the next step on its
         device tokens. Returns the new Launched, or None (the rows stay advanced: the next step feeds the real
         tokens from the host once `step` is collected)."""
-        from infrastructure.engine.paged_loop import Launched
-        from infrastructure.engine.sampling import plan_greedy
-
         started = time.perf_counter()
         rows = [r for r, _ in step.items]
         for row in rows:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import time
-import torch
 
 from infrastructure.engine.detok import Detokenizer
 from infrastructure.engine.job import Event, GenerationJob, JobFailed, RowRequest
