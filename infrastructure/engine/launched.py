@@ -23,3 +23,4 @@ class Launched:
     started: float
     planned: torch.Tensor | None = None  # greedy rows: tokens and flags queued behind the forward (plan_greedy)
     advanced: bool = False  # a chained step (overlap.py) already moved its rows past this step's input
+    ready: torch.cuda.Event | None = None  # recorded behind the copies of `planned` and `captured` to the host

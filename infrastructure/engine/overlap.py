@@ -1,17 +1,18 @@
-"""Overlapped decode steps (OVERLAP_SCHEDULE): step N+1 is queued on the device before step N's tokens reach
-the host, fed with N's greedy picks where they already are (on the GPU), so the GPU does not idle while
-Python samples, streams and schedules.
+"""Overlapped decode steps (OVERLAP_SCHEDULE): step N+1 is queued on the device before step N's tokens reach the host,
+fed with N's greedy picks where they already are (on the GPU), so the GPU does not idle while Python samples,
+streams and schedules.
 
-A chain starts from a launched decode-only step N whose rows all pick greedily (`plan_greedy` queued their
-tokens behind the forward). Before N is collected, every row of N is advanced by one position: its KV
-blocks grow for it, `computed` moves past N's input, and a placeholder takes the place of N's token in the
-sequence (with a provisional steering bit). Step N+1 is then built and launched as any decode step, except
-that its input ids, and the steering bits that depend on the token (steering that skips special tokens),
-come from `Feed` on the device. Collecting N then fills the placeholder with the real token and its real
-steering bit, before anything reads them (prefix-cache keys, the next host-fed step). A row that ends at N
-(end of sequence, a stop string, a failed row) is gone when N+1 is collected: its N+1 token is dropped,
-like a launched-ahead step's. A step that cannot chain (prefill, sampling, logprobs, grammar, a row near its
-length limit, a reader behind, queued work, a fault hook, a short KV pool) runs as before.
+A chain starts from a launched decode-only step N whose rows all pick greedily (`plan_greedy` queued their tokens
+behind the forward). Before N is collected, every row of N is advanced by one position: its KV blocks grow for it,
+`computed` moves past N's input, and a placeholder takes the place of N's token in the sequence (with a provisional
+steering bit). Step N+1 is then built and launched as any decode step, except that its input ids, and the steering
+bits that depend on the token (steering that skips special tokens), come from `Feed` on the device, and N's picks
+and captures are copied to the host before N+1 is queued (`stage`: collecting N waits for N's event, not for the
+stream, which holds N+1 by then). Collecting N then fills the placeholder with the real token and its real steering
+bit, before anything reads them (prefix-cache keys, the next host-fed step). A row that ends at N (end of sequence,
+a stop string, a failed row) is gone when N+1 is collected: its N+1 token is dropped, like a launched-ahead step's.
+A step that cannot chain (prefill, sampling, logprobs, grammar, a row near its length limit, a reader behind, queued
+work, a fault hook, a short KV pool) runs as before.
 """
 
 from __future__ import annotations
@@ -46,6 +47,18 @@ class Feed:
         return bits & ~(self.check & torch.isin(self.tokens, self.specials))
 
 
+def stage(step) -> None:
+    """Queue the copies of a step's picks and captures to the host behind its forward, before the next step is
+    queued, and mark them with an event: collecting the step then waits for its own results only (a plain
+    transfer would wait for everything queued on the stream, the chained step included)."""
+    if step.planned is None or step.planned.device.type != "cuda":
+        return
+    step.planned = step.planned.to("cpu", non_blocking=True)  # (pinned: the copy does not block the host)
+    step.captured = {k: v.to("cpu", non_blocking=True) for k, v in step.captured.items()}
+    step.ready = torch.cuda.Event()
+    step.ready.record()
+
+
 class OverlapSteps:
     """Mixed into the paged loop: `_chain` launches the step after a launched one from its device tokens."""
 
@@ -71,7 +84,6 @@ class OverlapSteps:
         for row in rows:
             if not self._kv.allocate(row.seq.seq_id, row.seq.computed + 2):
                 return None  # (allocated blocks stay with their rows: the next step needs them anyway)
-        step.captured = {k: v.clone() for k, v in step.captured.items()}  # the next replay reuses the buffers
         for row in rows:
             row.seq.computed += 1
             row.seq.tokens.append(PENDING)
@@ -79,6 +91,7 @@ class OverlapSteps:
         step.advanced = True
         works = [self._work(r, 1) for r in rows]
         feed = self._feed(step.planned[0], rows)
+        stage(step)
         try:
             tables = self._row_tables(rows)
             logits, captured = self._forward_step(works, tables, feed)

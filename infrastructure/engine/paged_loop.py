@@ -223,6 +223,8 @@ class PagedLoop(OverlapSteps, PagedStart):
         if not items:
             return
         rows = [r for r, _ in items]
+        if step.ready is not None:  # its results were copied to the host before the next step was queued
+            step.ready.synchronize()
         try:
             for row, position, logits in step.scored:
                 if id(row) in live:
