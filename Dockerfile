@@ -84,7 +84,8 @@ ENV HOST=0.0.0.0 \
     PORT=8000 \
     DEVICE=auto \
     MODEL_CACHE_DIR=/app/data/models \
-    HF_HOME=/app/data/models/hf-home
+    HF_HOME=/app/data/models/hf-home \
+    GPTQMODEL_TORCH_EXTENSIONS_DIR=/app/data/models/gptqmodel-extensions
 VOLUME ["/app/data/models"]
 EXPOSE 8000
 
