@@ -270,12 +270,15 @@ def convert_model(model: nn.Module, layout: str, cls=None) -> dict[str, int]:
     del m
     started = time.perf_counter()
     counts = {"modules": 0, "fused_layers": 0, "replaced": 0}
+    made: set[int] = set()  # the new modules and theirs (Marlin's wraps one with 4-bit tensors: not to convert)
 
     def make(modules: list[nn.Module]) -> nn.Module:
         counts["modules"] += 1
         counts["replaced"] += len(modules)
         parts = [parts_of(m, layout) for m in modules]
-        return build_linear(QuantParts.cat(parts) if len(parts) > 1 else parts[0], cls)
+        linear = build_linear(QuantParts.cat(parts) if len(parts) > 1 else parts[0], cls)
+        made.update(id(m) for m in linear.modules())
+        return linear
 
     with torch.no_grad():
         for layer in decoder_layers(model):
@@ -284,7 +287,7 @@ def convert_model(model: nn.Module, layout: str, cls=None) -> dict[str, int]:
                 layer.mlp.down_proj = make([layer.mlp.down_proj])
                 _fuse_layer(layer, attention_inputs, attention_output_and_mlp, merge=make)
                 counts["fused_layers"] += 1
-        left = [name for name, m in model.named_modules() if is_quantised(m)]  # layers that do not fuse, others
+        left = [name for name, m in model.named_modules() if is_quantised(m) and id(m) not in made]  # unfused, others
         for name in left:
             owner, _, attr = name.rpartition(".")
             parent = model.get_submodule(owner) if owner else model

@@ -53,3 +53,42 @@ def test_marlin_loads_onto_the_layouts_own_modules_to_be_repacked():
     pytest.importorskip("gptqmodel", reason="AWQ/GPTQ kernels: gptqmodel comes with the locked packages")
     config = prequantised_kwargs("awq", AWQ, "cuda", "marlin")["quantization_config"]
     assert config.backend in ("gemm_triton", "gemv")  # the Triton module, never run: repacked after loading
+
+
+class _PackedInner(torch.nn.Module):
+    """Like gptqmodel's Marlin module after `post_init`: 4-bit tensors under the names gptqmodel uses."""
+
+    def __init__(self, tensors: dict, weight: torch.Tensor):
+        super().__init__()
+        for name, value in tensors.items():
+            self.register_buffer(name, value)
+        self.register_buffer("weight_f", weight)
+
+    def forward(self, x):
+        return x @ self.weight_f.t().to(x.dtype)
+
+
+class _MarlinLike(MarlinLinear):
+    """MarlinLinear with the library's module replaced by `_PackedInner` (no CUDA here)."""
+
+    def pack(self, W_q, scales, zeros, bias=None, fma_mode=False):  # noqa: N803
+        from infrastructure.quant_gemlite import QuantParts
+
+        weight = QuantParts(W_q, scales, zeros, None, self.group_size).dequantise()
+        self.inner = _PackedInner(pack_awq_gemm(W_q, zeros, scales), weight)
+        return self
+
+
+def test_a_model_repacked_for_marlin_converts_each_module_once():
+    from infrastructure.quant_gemlite import convert_model
+    from tests.infrastructure.test_quant_gemlite import _awq_llama
+
+    model = _awq_llama(2)
+    model.model.layers[1].mlp.register_forward_hook(lambda *args: None)  # unfused: converted one for one
+    ids = torch.tensor([[1, 20, 33, 120, 7, 99]])
+    with torch.no_grad():
+        before = model(ids).logits
+    counts = convert_model(model, "awq-gemm", _MarlinLike)
+    assert counts == {"modules": 4 + 7, "fused_layers": 1, "replaced": 14}  # the new modules' tensors left alone
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, before, atol=1e-5, rtol=1e-5)
