@@ -122,10 +122,11 @@ class Settings(BaseSettings):
         description="Paged engine: fused decoder layers (merged q/k/v and gate/up projections) compiled with "
         "torch.compile; auto = on for one unquantised CUDA GPU, off elsewhere; merge = fused but eager.",
     )
-    overlap_schedule: bool = Field(
-        default=True,
+    overlap_schedule: Literal["auto", "on", "off"] = Field(
+        default="auto",
         description="Paged engine: queue the next decode step on the GPU before this one's tokens reach the host "
-        "when every row decodes greedily (its input ids taken from the device).",
+        "when every row decodes greedily (its input ids taken from the device); auto = on, except tensor "
+        "parallelism on GPUs (not yet measured there).",
     )
     kv_block_size: int = Field(default=16, ge=1, le=1024, description="Token positions per paged KV block.")
     kv_cache_tokens: int = Field(

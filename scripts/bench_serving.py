@@ -76,7 +76,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="paged attention kernel",
     )
     p.add_argument("--compile", default="auto", choices=["auto", "on", "merge", "off"], help="COMPILE")
-    p.add_argument("--overlap", default="on", choices=["on", "off"], help="OVERLAP_SCHEDULE")
+    p.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="OVERLAP_SCHEDULE")
     p.add_argument("--w5-long", type=int, default=None, help="W5 long prompt tokens (6,000 on GPU)")
     p.add_argument("--w6-long", type=int, default=None, help="W6 long prompt tokens (32,000 on GPU)")
     p.add_argument("--w7-requests", type=int, default=None, help="W7 requests (200)")
@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     bench_setup.ATTENTION[0] = args.attention
     bench_setup.COMPILE[0] = args.compile
-    bench_setup.OVERLAP[0] = args.overlap == "on"
+    bench_setup.OVERLAP[0] = args.overlap
     ONLY.update(w.strip() for w in (args.only or "").split(",") if w.strip())
     started = time.perf_counter()
     numbers = run_all(args)

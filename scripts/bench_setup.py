@@ -71,7 +71,7 @@ def start_engine(loaded: LoadedModel, max_batch_size: int, decode: str = "auto",
 
 ATTENTION = ["auto"]  # the paged attention kernel every engine of this run uses (--attention)
 COMPILE = ["auto"]  # COMPILE of every engine of this run (--compile)
-OVERLAP = [True]  # OVERLAP_SCHEDULE of every engine of this run (--overlap)
+OVERLAP = ["auto"]  # OVERLAP_SCHEDULE of every engine of this run (--overlap)
 
 
 def monitoring_axis(runtime: Runtime, loaded: LoadedModel) -> tuple[AssistantAxis, str]:

@@ -48,6 +48,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--collective-timeout", type=float, default=60.0, help="TENSOR_PARALLEL_TIMEOUT_S of the children")
     p.add_argument("--tp-steps", default="symm_mem,off", help="2-GPU decode steps to try in order (comma-separated)")
     p.add_argument("--eager-row", action="store_true", help="add a one-stream row of eager TP (off) steps")
+    p.add_argument("--overlap", default="auto", choices=["auto", "on", "off"], help="OVERLAP_SCHEDULE of every engine")
     p.add_argument("--out", type=Path, default=ROOT / "test-artifacts" / "check_tensor_parallel")
     common_options(p)
     return p.parse_args(argv)
@@ -156,6 +157,7 @@ def child_run(spec: dict) -> dict:
     source.tiny = spec["tiny"]
     options = dict(max_batch_size=max(spec["clients"], 64), max_queue=256, compile="off") | spec["engine_args"]
     options["cuda_graphs"] = spec["graph_reduce"] != "off"
+    options["overlap"] = spec.get("overlap", "auto")
     _say(f"building {spec['arch']} on {spec['tp']} rank(s), decode steps: {spec['graph_reduce']}")
     if spec["tp"] > 1:
         options["graph_reduce"] = spec["graph_reduce"]
@@ -231,6 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     report.notes.append(f"`python {' '.join(sys.argv)}` (dtype {args.dtype}; random weights built per rank)")
     tokenizer = str(args.tokenizer.resolve()) if args.tokenizer else str(ensure_embedded(Settings().model_cache_dir))
     spec = base_spec(args) | {"tokenizer": tokenizer, "check_tokens": args.check_tokens, "dtype": args.dtype}
+    spec["overlap"] = args.overlap
     spec["collective_timeout"] = args.collective_timeout
     spec["layers"] = args.layers if args.layers is not None else (4 if args.tiny else None)
     reference, ok = None, True

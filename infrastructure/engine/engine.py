@@ -68,7 +68,7 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
         max_unread_tokens: int = 256,
         compile: str = "auto",
         compile_cache_dir: str | None = None,
-        overlap: bool = True,
+        overlap: bool | str = True,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -83,7 +83,8 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
         self.max_unread_tokens = max_unread_tokens  # paged: a job this far behind its reader stops decoding
         self.compile, self.compile_cache_dir = compile, compile_cache_dir  # paged: COMPILE (compiled_step.py)
         self.compile_mode, self.warmup_seconds = "off", 0.0
-        self.overlap = overlap  # paged: OVERLAP_SCHEDULE, greedy decode steps chained on the device (overlap.py)
+        # paged: OVERLAP_SCHEDULE, greedy decode steps chained on the device (overlap.py; auto: tensor_parallel.py)
+        self.overlap = overlap not in (False, "off")
         static = self.decode_mode in ("static", "graphs")
         longest = static_len if static else max_model_len  # the static cache's columns
         self.context_len = min(max_model_len, longest, loaded.max_positions)

@@ -39,6 +39,13 @@ class Feed:
     tokens: torch.Tensor  # [n] long
     check: torch.Tensor | None  # [n] bool (None: no row's bit depends on the token)
     specials: torch.Tensor  # [k] long: the tokenizer's special ids
+    checks: list[bool] | None = None  # `check` on the host (what tensor-parallel workers are sent)
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor, checks: list[bool] | None, specials: torch.Tensor) -> Feed:
+        """The feed of these device tokens; `checks`: per row, whether its bit depends on the token (None: none)."""
+        check = torch.tensor(checks).to(tokens.device, non_blocking=True) if checks and any(checks) else None
+        return cls(tokens, check, specials, checks if check is not None else None)
 
     def mask(self, bits: torch.Tensor) -> torch.Tensor:
         """The rows' steering bits [n] with the token-dependent ones cleared where the token is special."""
@@ -105,6 +112,4 @@ class OverlapSteps:
     def _feed(self, tokens: torch.Tensor, rows: list) -> Feed:
         if self._specials is None or self._specials.device != tokens.device:
             self._specials = torch.tensor(sorted(self.special_ids) or [PENDING], device=tokens.device)
-        checks = [r.bit_needs_token() for r in rows]
-        check = torch.tensor(checks).to(tokens.device, non_blocking=True) if any(checks) else None
-        return Feed(tokens, check, self._specials)
+        return Feed.of(tokens, [r.bit_needs_token() for r in rows], self._specials)

@@ -60,7 +60,8 @@ class TensorParallelEngine(PersonaEngine):
         # Every rank must run the same arithmetic on the replicated residual stream, and the workers build plain
         # runners: rank 0 neither fuses nor compiles (COMPILE=off; fused, compiled layers are one-process only).
         options["compile"] = "off"
-        options["overlap"] = False  # the other ranks take every step's input ids from rank 0's host
+        if options.get("overlap", "auto") == "auto":  # chained steps broadcast their ids: gloo-tested, GPU-unmeasured
+            options["overlap"] = loaded.device.type != "cuda"
         super().__init__(loaded, **options)
         self.graph_reduce = graph_reduce  # TENSOR_PARALLEL_GRAPH_REDUCE; the mode in force once the runner is built
         if self.decode_mode != "paged":
@@ -88,6 +89,7 @@ class TensorParallelEngine(PersonaEngine):
         shape = dict(blocks=blocks, block_size=self.block_size, dtype=self._kv_dtype, kernel=self.attention_kernel)
         shape |= dict(max_rows=self.max_batch_size, max_blocks=max_blocks, reduce=mode, deadline=self.tp.timeout_s)
         shape["graphs"] = None if self._graphs is None else self._graphs.split_kv_heads
+        shape["specials"] = sorted(self.special_ids)  # a chained step's steering bits (overlap.Feed)
         self.tp.send(("build", shape))
         mode, reducer = set_up_reduce(mode, self.model, dist.group.WORLD, self.max_batch_size)
         use_reducer(self.model, reducer)
@@ -103,16 +105,22 @@ class TensorParallelEngine(PersonaEngine):
             self._freed_slots.append(row.slot)
         super()._release(row)
 
-    def _forward_step(self, works: list[Work], tables: dict):
+    def _forward_step(self, works: list[Work], tables: dict, feed=None):
+        """Send the step to the workers, then run rank 0's part. A chained step (`feed`, overlap.py): its input ids
+        are still on rank 0's GPU; they reach the workers' GPUs in a broadcast queued behind the last step (the
+        workers' LM heads compute no logits to pick from), and the steering bits' checks travel with the step."""
         key = self._tables_for[0]
         fresh = None
         if key != self._sent_key:  # the row set changed: its tables travel once (on the CPU)
             fresh = {site: map_tensors(table, lambda t: t.cpu()) for site, table in tables.items()}
         freed, self._freed_slots = self._freed_slots, []
+        chained = None if feed is None else (feed.checks or [])
         try:
-            self.tp.send(("step", (works, fresh, key, freed)))
+            self.tp.send(("step", (works, fresh, key, freed, chained)))
             self._sent_key = key
-            return super()._forward_step(works, tables)
+            if feed is not None:
+                dist.broadcast(feed.tokens, src=0)
+            return super()._forward_step(works, tables, feed)
         except Exception as exc:  # the ranks may be out of step now: the engine cannot go on
             self._rank_failed(f"tensor-parallel step failed: {type(exc).__name__}: {exc}")
             raise

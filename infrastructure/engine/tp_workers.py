@@ -120,16 +120,19 @@ class Replica:
         self.tables: dict = {}
 
     def build(
-        self, blocks: int, block_size: int, dtype, kernel: str, max_rows: int, max_blocks: int, graphs, reduce, deadline
-    ):
+        self, blocks: int, block_size: int, dtype, kernel: str, max_rows: int, max_blocks: int, graphs, reduce,
+        deadline, specials=(),
+    ):  # fmt: skip
         """Rank 0's runner shape; `graphs`: None (eager steps) or rank 0's split_kv_heads (CUDA graphs); `reduce`:
-        the decode steps' all-reduce, agreed with every rank (`tp_comm.set_up_reduce`, a collective)."""
+        the decode steps' all-reduce, agreed with every rank (`tp_comm.set_up_reduce`, a collective); `specials`:
+        the tokenizer's special ids (chained steps' steering bits)."""
         from infrastructure.engine.graphs import DecodeGraphs
         from infrastructure.engine.runner import ModelRunner
         from infrastructure.engine.tp_comm import set_up_reduce
         from infrastructure.engine.tp_shard import use_reducer
 
         self.runner = ModelRunner(self.loaded.model, blocks, block_size, dtype, kernel, max_rows, max_blocks)
+        self.specials = torch.tensor(list(specials) or [-1], device=self.runner.device)
         self.graphs = None
         if graphs is not None:
             self.graphs = DecodeGraphs(self.runner, max_rows, blocks * block_size)
@@ -140,7 +143,10 @@ class Replica:
         if mode == "off":
             self.graphs = None
 
-    def step(self, works: list, fresh: dict | None, key: tuple, forgotten: list[int]) -> None:
+    def step(self, works: list, fresh: dict | None, key: tuple, forgotten: list[int], chained=None) -> None:
+        """One step as rank 0 runs it. `chained` (a list, maybe empty: per row, whether its steering bit depends
+        on the token): the input ids come from rank 0 in a broadcast (overlap.py), not in `works`."""
+        from infrastructure.engine.overlap import Feed
         from infrastructure.engine.runner import map_tensors
 
         for slot in forgotten:
@@ -148,9 +154,14 @@ class Replica:
         if fresh is not None:
             device = self.runner.device
             self.tables = {site: map_tensors(t, lambda x: x.to(device)) for site, t in fresh.items()}
-        replayed = self.graphs.run(works, self.tables, key) if self.graphs else None
+        feed = None
+        if chained is not None:
+            tokens = torch.empty(len(works), dtype=torch.long, device=self.runner.device)
+            dist.broadcast(tokens, src=0)
+            feed = Feed.of(tokens, chained or None, self.specials)
+        replayed = self.graphs.run(works, self.tables, key, feed) if self.graphs else None
         if replayed is None:
-            self.runner.execute(works, self.tables)
+            self.runner.execute(works, self.tables, feed)
 
     def serve(self, conn) -> None:
         with torch.inference_mode():

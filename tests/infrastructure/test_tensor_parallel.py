@@ -106,6 +106,7 @@ def test_greedy_tokens_and_captures_equal_one_process(tp_runtime, engine, loaded
     assert max(abs(a - b) for a, b in zip(probe_tp, probe_one)) < 1e-3
     assert tp_runtime.engine.tensor_parallel_size == 2
     assert tp_runtime.engine.stats["steps"] > 0 and tp_runtime.loaded.model.config.num_attention_heads == 6
+    assert tp_runtime.engine.chained_launches > 0  # decode steps fed the worker their ids in a broadcast
 
 
 async def test_one_request_through_http_equals_one_process(tp_runtime, client):
