@@ -49,7 +49,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--variants", default="", help="GemLite kernels also timed by name, e.g. GEMM_SPLITK,GEMM")
     p.add_argument("--torch-int4", action="store_true", help="also time torch's own int4 kernel (tinygemm)")
     p.add_argument("--marlin", action="store_true", help="also time gptqmodel's AWQ Marlin kernel (built on first use)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.marlin and args.device != "cuda":
+        p.error("--marlin needs a GPU (gptqmodel's Marlin kernels are CUDA only)")
+    return args
 
 
 def shapes(arch: str) -> dict[str, tuple[int, int]]:

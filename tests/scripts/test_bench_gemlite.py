@@ -1,14 +1,16 @@
 """scripts/bench_gemlite on the CPU: torch's own int4 kernel (the --torch-int4 candidate) computes what the AWQ
-parts stand for, after its zero-point conversion, and the per-GEMM report holds its column for every shape."""
+parts stand for, after its zero-point conversion, and the per-GEMM report holds its column for every shape; the
+Marlin column (CUDA only) is refused on the CPU with its reason."""
 
 from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from infrastructure.quant_gemlite import QuantParts
-from scripts.bench_gemlite import main, torch_int4
+from scripts.bench_gemlite import main, parse, torch_int4
 
 
 def test_torch_int4_computes_the_awq_parts_product():
@@ -35,3 +37,9 @@ def test_report_has_the_torch_int4_column(tmp_path):
     assert [r["shape"] for r in rows] == ["qkv", "o", "gate_up", "down"]
     for row in rows:
         assert row["torch_int4_us"] > 0 and row["torch_int4_rel_error"] < 0.01
+
+
+def test_marlin_column_asks_for_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--arch", "tiny-llama", "--device", "cpu", "--marlin", "--out", "x.json"])
+    assert "--marlin needs a GPU" in capsys.readouterr().err
