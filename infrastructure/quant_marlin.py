@@ -55,24 +55,30 @@ class MarlinLinear(nn.Module):
         self.inner: nn.Module | None = None
 
     def pack(self, W_q, scales, zeros, bias=None, fma_mode=False):  # noqa: N803 - GemLite's signature
-        from gptqmodel.nn_modules.qlinear.marlin_awq import AwqMarlinLinear
-
         tensors = pack_awq_gemm(W_q, zeros, scales)
-        inner = AwqMarlinLinear(
-            BITS, self.group_size, False, False, self.in_features, self.out_features,
-            bias=bias is not None, register_buffers=True, dtype=torch.float16,
-        )  # fmt: skip
-        inner = inner.to(W_q.device)
-        for name, value in tensors.items():
-            getattr(inner, name).data = value
-        if bias is not None:
-            inner.bias.data = bias.to(torch.float16)
-        inner.post_init()  # the library's repacking for its kernel
-        self.inner = inner
+        self.inner = awq_marlin_module(tensors, self.in_features, self.out_features, self.group_size, bias)
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.inner(x)
+
+
+def awq_marlin_module(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, group: int, bias=None):
+    """gptqmodel's `AwqMarlinLinear` holding AutoAWQ "gemm" tensors (and a bias), repacked by the library for its
+    kernel (`post_init`), on the tensors' device."""
+    from gptqmodel.nn_modules.qlinear.marlin_awq import AwqMarlinLinear
+
+    inner = AwqMarlinLinear(
+        BITS, group, False, False, in_features, out_features,
+        bias=bias is not None, register_buffers=True, dtype=torch.float16,
+    )  # fmt: skip
+    inner = inner.to(tensors["qweight"].device)
+    for name, value in tensors.items():
+        getattr(inner, name).data = value
+    if bias is not None:
+        inner.bias.data = bias.to(torch.float16)
+    inner.post_init()
+    return inner
 
 
 def marlin_extension():

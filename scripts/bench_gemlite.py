@@ -84,27 +84,12 @@ def torch_int4(parts: QuantParts, device: str):
     return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, parts.group, table)
 
 
-def marlin_linear(w: dict[str, torch.Tensor], n: int, k: int):
-    """gptqmodel's AWQ Marlin module holding these AWQ "gemm" tensors, repacked by the library (`post_init`)."""
-    from gptqmodel.nn_modules.qlinear.marlin_awq import AwqMarlinLinear
-
-    lin = AwqMarlinLinear(4, GROUP, False, False, k, n, register_buffers=True, dtype=torch.float16)
-    lin = lin.to(w["qweight"].device)
-    for name in ("qweight", "qzeros", "scales"):
-        getattr(lin, name).data.copy_(w[name])
-    lin.post_init()
-    return lin
-
-
 def build_marlin() -> float:
     """Compile (or load from its cache) gptqmodel's float16 Marlin extension; seconds taken."""
-    from gptqmodel.utils.marlin import prewarm_marlin_extension
+    from infrastructure.quant_marlin import build_marlin as build
 
     started = time.perf_counter()
-    if not prewarm_marlin_extension(torch.float16):
-        from gptqmodel.utils.marlin import marlin_runtime_error
-
-        raise RuntimeError(f"gptqmodel's Marlin extension did not build: {marlin_runtime_error(torch.float16)}")
+    build()
     return time.perf_counter() - started
 
 
@@ -161,7 +146,9 @@ def measure(name: str, n: int, k: int, rows: int, args) -> dict:
         out["torch_int4_tbps"] = packed_bytes / out["torch_int4_us"] / 1e6
         out["torch_int4_rel_error"] = float((int4[0](x).float() - reference).abs().max() / reference.abs().max())
     if args.marlin:  # the library's Marlin on the same AWQ tensors
-        marlin = [marlin_linear(w, n, k) for w in weights]
+        from infrastructure.quant_marlin import awq_marlin_module
+
+        marlin = [awq_marlin_module(w, k, n, GROUP) for w in weights]
         out["marlin_us"] = timed(lambda i: marlin[i % len(marlin)](x), args.reps, device)
         out["marlin_rel_error"] = float((marlin[0](x).float() - reference).abs().max() / reference.abs().max())
         del marlin
