@@ -177,16 +177,25 @@ def _repack(model: nn.Module, method: str, config_q, device: str, cache_dir: Pat
     """Repack the loaded 4-bit modules for GemLite (`infrastructure/quant_gemlite.py`) or Marlin
     (`infrastructure/quant_marlin.py`); on the CPU their dequantised stand-in. On a GPU, GemLite's kernel configs
     are settled (`infrastructure/gemlite_configs.py`)."""
-    from infrastructure.quant_gemlite import DequantisedLinear, UnsupportedLayout, convert_model, layout_of
+    from infrastructure.quant_gemlite import (
+        DequantisedLinear,
+        UnsupportedLayout,
+        convert_model,
+        gemlite_class,
+        layout_of,
+    )
 
-    cls = DequantisedLinear
     try:
-        if device == "cuda" and kernel == "marlin":
+        if device != "cuda":
+            cls = DequantisedLinear
+        elif kernel == "marlin":
             from infrastructure.quant_marlin import MarlinLinear, build_marlin
 
             build_marlin()  # from gptqmodel's cache, or compiled now (minutes, logged by the library)
             cls = MarlinLinear
-        convert_model(model, layout_of(method, config_q), None if device == "cuda" and kernel == "gemlite" else cls)
+        else:
+            cls = gemlite_class()
+        convert_model(model, layout_of(method, config_q), cls)
     except (UnsupportedLayout, RuntimeError) as exc:
         raise ModelLoadError(f"QUANT_KERNEL={kernel}: {exc}") from exc
     if device == "cuda" and kernel == "gemlite":
