@@ -20,6 +20,8 @@ import logging
 import torch
 from torch import nn
 
+from infrastructure import marlin_layout
+from infrastructure.marlin_layout import MarlinLayout
 from infrastructure.quant_gemlite import AWQ_ORDER, BITS, PACK
 
 log = logging.getLogger(__name__)
@@ -45,7 +47,13 @@ def pack_awq_gemm(codes: torch.Tensor, zeros: torch.Tensor, scales: torch.Tensor
 
 class MarlinLinear(nn.Module):
     """A 4-bit linear on gptqmodel's Marlin kernel, built like a GemLite linear (`quant_gemlite.build_linear`):
-    the constructor, then `pack(codes, scales, zeros, bias)`. float16 activations."""
+    the constructor, then `pack(codes, scales, zeros, bias)`. float16 activations.
+
+    Products of DENSE_FROM_ROWS rows or more (prefill chunks) dequantise the weight to float16 through
+    `marlin_layout` (one Triton kernel on the GPU) and run on cuBLAS: Marlin's tensor-core loop reaches about a
+    third of an H200's float16 rate at thousands of rows, and dequantising costs one pass over the weight. The
+    layout is checked once per process against the library's repacking and once per weight shape against the
+    codes packed; where either check fails (logged) every product stays on Marlin."""
 
     def __init__(self, W_nbits, group_size, in_features, out_features, input_dtype=None, output_dtype=None):  # noqa: N803
         super().__init__()
@@ -53,14 +61,82 @@ class MarlinLinear(nn.Module):
             raise ValueError(f"{W_nbits}-bit weights: Marlin runs 4-bit weights here")
         self.group_size, self.in_features, self.out_features = group_size, in_features, out_features
         self.inner: nn.Module | None = None
+        self.layout: MarlinLayout | None = None  # set when prefill-sized products may run dense
+        self.bias: torch.Tensor | None = None  # float16, in the outputs' order (Marlin's own copy is permuted)
 
     def pack(self, W_q, scales, zeros, bias=None, fma_mode=False):  # noqa: N803 - GemLite's signature
         tensors = pack_awq_gemm(W_q, zeros, scales)
         self.inner = awq_marlin_module(tensors, self.in_features, self.out_features, self.group_size, bias)
+        self.bias = None if bias is None else bias.to(torch.float16)
+        self.layout = dense_layout(self, W_q, scales, zeros)
         return self
 
+    def dequantised(self) -> torch.Tensor:
+        """The float16 [in, out] weight (Triton on the GPU, the torch reference elsewhere)."""
+        i = self.inner
+        if i.qweight.is_cuda:
+            from infrastructure.marlin_triton import dequantise
+        else:
+            dequantise = marlin_layout.dequantise
+        return dequantise(self.layout, i.qweight, i.scales, i.qzeros, self.group_size)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.inner(x)
+        if self.layout is None or x.numel() < DENSE_FROM_ROWS * self.in_features:
+            return self.inner(x)
+        out = torch.matmul(x, self.dequantised())
+        return out if self.bias is None else out + self.bias
+
+
+DENSE_FROM_ROWS = 1024  # products of this many rows or more run dequantised on cuBLAS (scripts/bench_gemlite.py)
+_LAYOUTS: dict[str, MarlinLayout | None] = {}  # per device: the probed layout (None: not dequantisable)
+_CHECKED: dict[tuple, bool] = {}  # per (device, in, out, group): the dequantiser reproduced the packed weight
+
+
+def library_repack(codes, zeros, scales, group: int):
+    """gptqmodel's Marlin tensors (qweight, scales, qzeros) of parts: what `marlin_layout.probe` reads."""
+    inner = awq_marlin_module(pack_awq_gemm(codes, zeros, scales), codes.shape[1], codes.shape[0], group)
+    return inner.qweight, inner.scales, inner.qzeros
+
+
+def dense_layout(linear: MarlinLinear, codes, scales, zeros, repack=library_repack) -> MarlinLayout | None:
+    """The layout through which `linear` dequantises its weight, or None where it cannot: a weight Marlin pads
+    (`in` not a multiple of 128 or `out` of 64 in the library's terms), one group per row, a layout that is not
+    the probed one. The first module of each shape is dequantised and compared with the parts packed."""
+    inner = linear.inner
+    if linear.group_size >= linear.in_features or getattr(inner, "_marlin_tile_padding", None) is not None:
+        return None
+    if linear.in_features % 32 or linear.out_features % 128:
+        return None
+    device = str(codes.device)
+    if device not in _LAYOUTS:
+        _LAYOUTS[device] = marlin_layout.probe(repack, codes.device)
+    layout = _LAYOUTS[device] and _LAYOUTS[device].to(codes.device)
+    if layout is None:
+        return None
+    key = (device, linear.in_features, linear.out_features, linear.group_size)
+    if key not in _CHECKED:
+        linear.layout = layout
+        _CHECKED[key] = _reproduces(linear, codes, scales, zeros)
+        if not _CHECKED[key]:
+            shape = (linear.in_features, linear.out_features, linear.group_size)
+            log.warning("Marlin weights of %d x %d (group %d) do not dequantise to the codes packed: their "
+                        "prefill products stay on Marlin", *shape)  # fmt: skip
+    return layout if _CHECKED[key] else None
+
+
+def _reproduces(linear: MarlinLinear, codes, scales, zeros, rows: int = 4096) -> bool:
+    """Whether the dequantised weight equals the parts' (codes - zeros) * scales, compared `rows` outputs at a
+    time (the float32 reference of a 70B gate/up projection is 1.9 GB)."""
+    weight = linear.dequantised()
+    group = linear.group_size
+    for start in range(0, codes.shape[0], rows):
+        end = start + rows
+        z = zeros[start:end].float().repeat_interleave(group, 1)
+        s = scales[start:end].float().repeat_interleave(group, 1)
+        want = ((codes[start:end].float() - z) * s).to(torch.float16)
+        if not torch.equal(weight[:, start:end].t(), want):
+            return False
+    return True
 
 
 def awq_marlin_module(tensors: dict[str, torch.Tensor], in_features: int, out_features: int, group: int, bias=None):

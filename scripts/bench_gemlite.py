@@ -6,6 +6,7 @@ runs it: merged q/k/v and gate/up) vs gptqmodel's AWQ Triton kernel (the library
     python -m scripts.bench_gemlite --arch tiny-llama --rows 1,4 --device cpu --out /tmp/gemm.json   # CPU: the flow
     python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 1,4,16,64 --torch-int4 --out OUT/gemm.json  # + tinygemm
     python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 1,16,64 --marlin --out OUT/gemm.json     # + Marlin
+    python -m scripts.bench_gemlite --arch llama-3.3-70b --rows 256,1024,8192 --marlin --out OUT/prefill.json
 
 Random AWQ "gemm" tensors per shape (several copies, more bytes than the L2 cache, cycled), unpacked and packed
 for GemLite as `infrastructure/quant_gemlite.py` does at load; GemLite's configs settled as at load
@@ -16,7 +17,9 @@ error against the dequantised weight in float32 relative to the output's largest
 autotunes GemLite for the same shapes and rows (Triton's autotuner, GemLite's "fast" candidates), times again,
 and writes the chosen configs of these shapes to --tune-out (the per-GPU file `gemlite_configs.settle` loads).
 `--marlin` adds gptqmodel's AWQ Marlin module on the same tensors (its own repacking at `post_init`; the library
-compiles its CUDA extension with nvcc on first use, minutes: the build time is in the report).
+compiles its CUDA extension with nvcc on first use, minutes: the build time is in the report), and the route
+MarlinLinear takes from quant_marlin.DENSE_FROM_ROWS rows: the weight dequantised (`dequantise_us`, Triton)
+then multiplied on cuBLAS (`marlin_dense_us`, both together).
 The report is rewritten after every shape (a cut run keeps what it measured).
 """
 
@@ -152,6 +155,17 @@ def measure(name: str, n: int, k: int, rows: int, args) -> dict:
         out["marlin_us"] = timed(lambda i: marlin[i % len(marlin)](x), args.reps, device)
         out["marlin_rel_error"] = float((marlin[0](x).float() - reference).abs().max() / reference.abs().max())
         del marlin
+        from infrastructure.quant_marlin import MarlinLinear  # its prefill route: dequantised, then cuBLAS
+
+        lin = build_linear(parts[0], MarlinLinear)
+        if lin.layout is not None:
+            out["dequantise_us"] = timed(lambda i: lin.dequantised(), args.reps, device)
+            out["marlin_dense_us"] = timed(lambda i: x @ lin.dequantised(), args.reps, device)
+            got = (x @ lin.dequantised()).float()
+            out["marlin_dense_rel_error"] = float((got - reference).abs().max() / reference.abs().max())
+        else:
+            out["marlin_dense_error"] = "no dense layout (see the log)"
+        del lin
     if device == "cuda":
         from gemlite import core
         from gemlite.triton_kernels.utils import get_closest_m
@@ -181,7 +195,7 @@ def measure(name: str, n: int, k: int, rows: int, args) -> dict:
             out["gptqmodel_triton_error"] = f"{type(exc).__name__}: {exc}"[:300]
         dense = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(max(1, min(4, L2_BYTES // (2 * n * k))))]
         out["fp16_cublas_us"] = timed(lambda i: x @ dense[i % len(dense)].t(), args.reps, device)
-    for key in ("gemlite", "gptqmodel_triton", "marlin"):
+    for key in ("gemlite", "gptqmodel_triton", "marlin", "marlin_dense"):
         if f"{key}_us" in out:
             out[f"{key}_tbps"] = packed_bytes / out[f"{key}_us"] / 1e6
     if "fp16_cublas_us" in out:

@@ -184,6 +184,9 @@ def measure_row(arch: str, fmt: str, args: argparse.Namespace, tokenizer, report
     row["model_bytes"] = sum(t.numel() * t.element_size() for t in tensors)
     row["kernel"] = type(loaded.model.model.layers[0].mlp.down_proj).__name__
     row["quant_kernel"] = loaded.quant_kernel
+    layouts = [m.layout is not None for m in loaded.model.modules() if hasattr(m, "layout") and hasattr(m, "inner")]
+    if layouts:  # Marlin modules: how many take prefill-sized products dequantised on cuBLAS
+        row["dense_prefill_modules"] = f"{sum(layouts)}/{len(layouts)}"
     # the tile plans infrastructure.quant_tiles registered at load (gptqmodel's Triton kernel only)
     if fmt == "awq" and args.device == "cuda" and loaded.quant_kernel != "gemlite":
         from infrastructure.quant_tiles import awq_shapes, load_table, plans_for, shape_key
