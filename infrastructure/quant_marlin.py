@@ -105,8 +105,8 @@ def dense_layout(linear: MarlinLinear, codes, scales, zeros, repack=library_repa
     inner = linear.inner
     if linear.group_size >= linear.in_features or getattr(inner, "_marlin_tile_padding", None) is not None:
         return None
-    if linear.in_features % 32 or linear.out_features % 128:
-        return None
+    if linear.in_features % 32 or linear.out_features % 128 or linear.group_size % 32:
+        return None  # the Triton dequantiser's blocks (marlin_triton.BLOCK_K x BLOCK_N, one group per block)
     device = str(codes.device)
     if device not in _LAYOUTS:
         _LAYOUTS[device] = marlin_layout.probe(repack, codes.device)
