@@ -22,7 +22,13 @@ import time
 
 import torch
 
-from infrastructure.engine.fusion import FUSED_MARK, fuse_model, raise_recompile_limit, weight_and_bias
+from infrastructure.engine.fusion import (
+    FUSED_MARK,
+    fuse_model,
+    product_module,
+    raise_recompile_limit,
+    weight_and_bias,
+)
 from infrastructure.steering.hooks import apply_table
 from infrastructure.steering.sites import decoder_layers
 
@@ -36,7 +42,8 @@ _STEERING: dict[str, object] = {}
 def resolve_compile(setting: str, device: torch.device, one_gpu: bool, quantization: str) -> str:
     """auto -> on for one CUDA GPU running bf16/fp16 weights or AWQ / GPTQ (decode steps are CUDA graphs there;
     4-bit layers repacked for GemLite compile the pieces between their products), off otherwise (the CPU,
-    bitsandbytes, several GPUs); explicit values are kept."""
+    bitsandbytes, layers split over GPUs); explicit values are kept. Under tensor parallelism each rank is one
+    GPU (`one_gpu`): its shards compile like a whole model's."""
     if setting not in MODES:
         raise ValueError(f"COMPILE must be one of {', '.join(MODES)}, not {setting!r}")
     if setting != "auto":
@@ -126,6 +133,8 @@ def compiles_here(model: torch.nn.Module, steer, device: torch.device, dtype: to
         cos = torch.ones(1, 2, f.head_dim, device=device, dtype=ln1.weight.dtype)
         wb = weight_and_bias  # (module, None) for a 4-bit projection
         f.pre(hidden, ln1.weight, ln1.variance_epsilon, *wb(attn.qkv_proj), cos, cos * 0, f.sizes, f.head_dim)
+        if product_module(attn.o_proj) or product_module(mlp.down_proj):
+            return True  # they meet the other ranks in an all-reduce: the pieces compile at the first step all run
         out = torch.zeros(1, 2, f.sizes[0], device=device, dtype=hidden.dtype)
         f.post(out, hidden, *wb(attn.o_proj), ln2.weight, ln2.variance_epsilon, *wb(mlp.gate_up_proj),
                *wb(mlp.down_proj))  # fmt: skip

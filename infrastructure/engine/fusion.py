@@ -11,7 +11,9 @@ sharding: it merges whatever plain `nn.Linear` projections it finds, e.g. a rank
   Both are pure tensor functions of the layer's weights: with `compile=True` they are `torch.compile`d
   once per process and shared by every layer (Inductor fuses each norm, rotary and activation into one
   kernel around the matrix products); without it they run eagerly (the same arithmetic). Layers with 4-bit
-  projection modules compile the pieces between the products instead (`AroundProducts`).
+  projection modules, or a rank's row-parallel output and down projections under tensor parallelism (partial
+  product, all-reduce, bias: `tp_shard.RowParallelLinear`), compile the pieces between the products instead
+  (`AroundProducts`) and call those modules.
 
 Steering is untouched: hooks sit on the decoder layers' outputs (and the embeddings), whose module
 calls are unchanged. Layers that do not fit (quantised or wrapped projections, hooks on a projection,
@@ -127,6 +129,17 @@ def _plain(m: object) -> bool:
     return type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks
 
 
+def product_module(m: object) -> bool:
+    """A projection that computes more than its product and must run as itself (a tensor-parallel row-parallel
+    layer: partial product, all-reduce, bias): the fused forward calls it between the compiled pieces."""
+    return isinstance(m, nn.Module) and getattr(m, "fused_as_module", False) and _no_hooks(m)
+
+
+def plain_products(*modules: nn.Module) -> bool:
+    """Whether the fused forward can take every projection as weight tensors (compiled whole, `tensors`)."""
+    return all(isinstance(m, nn.Linear) for m in modules)
+
+
 def _norm_ok(m: object) -> bool:
     return type(m).__name__.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and _no_hooks(m)
 
@@ -145,9 +158,13 @@ def fusable(layer: nn.Module, linear_ok=_plain) -> bool:
         return False
     if any("forward" in vars(m) for m in (layer, attn, mlp)):  # a forward replaced by other code (e.g. a
         return False  # tensor-parallel all-reduce): the fused forward would bypass it
-    if not all(linear_ok(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj", "o_proj")):
+    if not all(linear_ok(getattr(attn, n, None)) for n in ("q_proj", "k_proj", "v_proj")):
+        return False  # merged: modules `linear_ok` takes; o and down are called: those or product modules
+    if not all(linear_ok(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj")):
         return False
-    if not all(linear_ok(getattr(mlp, n, None)) for n in ("gate_proj", "up_proj", "down_proj")):
+    if not all(
+        linear_ok(m) or product_module(m) for m in (getattr(attn, "o_proj", None), getattr(mlp, "down_proj", None))
+    ):
         return False
     if getattr(getattr(mlp, "config", None), "hidden_act", None) != "silu" or not _no_hooks(mlp.act_fn):
         return False
@@ -257,7 +274,9 @@ def fuse_model(model: nn.Module, compile: bool = False, backend="inductor") -> i
                 _fuse_layer(layer, *eager)
             fused = getattr(layer, FUSED_MARK, None)
             if fused is not None:  # fused here or earlier (4-bit layers: at load): this call's functions
-                products = "tensors" if isinstance(layer.self_attn.qkv_proj, nn.Linear) else "modules"
+                attn, mlp = layer.self_attn, layer.mlp
+                whole = plain_products(attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)
+                products = "tensors" if whole else "modules"
                 fused.pre, fused.post = compiled_parts(backend, products) if compile else eager
                 done += 1
     if done < len(layers):

@@ -19,6 +19,8 @@ from infrastructure.engine.scheduler import Scheduler
 
 
 class PagedStart:
+    warms_buckets = True  # capture every rows bucket at start (tensor parallelism: no, see TensorParallelEngine)
+
     def _kv_blocks(self) -> int:
         """Blocks in the pool: KV_CACHE_TOKENS when set; on CUDA, what the memory fraction leaves free
         after the weights (minus activation headroom); on the CPU, max_batch_size x min(context, 2048)."""
@@ -89,7 +91,8 @@ class PagedStart:
                 self._step()
         self.warmup_seconds += time.perf_counter() - started
         # compile + capture every rows bucket now (COMPILE=on; 4-bit kernels: Triton JIT-compiles per rows class)
-        if self._graphs is not None and (self.compile_mode == "on" or self.loaded.quantization in ("awq", "gptq")):
+        compiled = self.compile_mode == "on" or self.loaded.quantization in ("awq", "gptq")
+        if self._graphs is not None and self.warms_buckets and compiled:
             self.warmup_seconds += warm_up(self._graphs, self.max_batch_size)
 
     def _build_runner(self, blocks: int, max_blocks: int) -> None:

@@ -56,10 +56,11 @@ class LoaderSource:
 
 
 class TensorParallelEngine(PersonaEngine):
+    # rank 0 alone captures in `compiled_step.warm_up` (a warm-up run first meets no worker in its all-reduces): the
+    # buckets are captured at their first step, as every rank runs it
+    warms_buckets = False
+
     def __init__(self, loaded: LoadedModel, group: TensorParallelGroup, graph_reduce: str = "auto", **options) -> None:
-        # Every rank must run the same arithmetic on the replicated residual stream, and the workers build plain
-        # runners: rank 0 neither fuses nor compiles (COMPILE=off; fused, compiled layers are one-process only).
-        options["compile"] = "off"
         if options.get("overlap", "auto") == "auto":  # chained steps broadcast their ids: gloo-tested, GPU-unmeasured
             options["overlap"] = loaded.device.type != "cuda"
         super().__init__(loaded, **options)
@@ -90,6 +91,9 @@ class TensorParallelEngine(PersonaEngine):
         shape |= dict(max_rows=self.max_batch_size, max_blocks=max_blocks, reduce=mode, deadline=self.tp.timeout_s)
         shape["graphs"] = None if self._graphs is None else self._graphs.split_kv_heads
         shape["specials"] = sorted(self.special_ids)  # a chained step's steering bits (overlap.Feed)
+        # every rank runs the same arithmetic on the replicated residual stream: rank 0's COMPILE mode (fused layers,
+        # compiled pieces and steering) is every worker's
+        shape |= dict(compile=self.compile_mode, cache_dir=self.compile_cache_dir)
         self.tp.send(("build", shape))
         mode, reducer = set_up_reduce(mode, self.model, dist.group.WORLD, self.max_batch_size)
         use_reducer(self.model, reducer)

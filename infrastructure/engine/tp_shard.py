@@ -82,6 +82,8 @@ class RowParallelLinear(nn.Module):
     when set, sums the tensors it fits (decode steps, eager or captured) through symmetric memory
     (`tp_comm.py`), alternating its two buffers by `half` (o_proj 0, down_proj 1: consecutive calls differ)."""
 
+    fused_as_module = True  # a fused layer calls it between its compiled pieces (fusion.product_module)
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, half: int = 0) -> None:
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=False)

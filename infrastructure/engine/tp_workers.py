@@ -121,17 +121,24 @@ class Replica:
 
     def build(
         self, blocks: int, block_size: int, dtype, kernel: str, max_rows: int, max_blocks: int, graphs, reduce,
-        deadline, specials=(),
+        deadline, specials=(), compile="off", cache_dir=None,
     ):  # fmt: skip
         """Rank 0's runner shape; `graphs`: None (eager steps) or rank 0's split_kv_heads (CUDA graphs); `reduce`:
         the decode steps' all-reduce, agreed with every rank (`tp_comm.set_up_reduce`, a collective); `specials`:
-        the tokenizer's special ids (chained steps' steering bits)."""
+        the tokenizer's special ids (chained steps' steering bits); `compile`: rank 0's COMPILE mode in effect
+        (fused layers, compiled pieces and steering function: `compiled_step.py`)."""
+        from infrastructure.engine.compiled_step import prepare, warm_steering
         from infrastructure.engine.graphs import DecodeGraphs
         from infrastructure.engine.runner import ModelRunner
         from infrastructure.engine.tp_comm import set_up_reduce
         from infrastructure.engine.tp_shard import use_reducer
 
-        self.runner = ModelRunner(self.loaded.model, blocks, block_size, dtype, kernel, max_rows, max_blocks)
+        model = self.loaded.model
+        steer = prepare(model, compile, cache_dir)
+        if compile == "on":  # the layouts rank 0 compiled at its start, so a first request compiles on no rank
+            warm_steering(steer, int(model.config.get_text_config().hidden_size), self.loaded.device, dtype, max_rows)
+        self.runner = ModelRunner(model, blocks, block_size, dtype, kernel, max_rows, max_blocks)
+        self.runner.steer_fn = steer
         self.specials = torch.tensor(list(specials) or [-1], device=self.runner.device)
         self.graphs = None
         if graphs is not None:

@@ -71,6 +71,38 @@ def test_column_shards_are_merged_as_found():
         torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
 
 
+class _Product(nn.Module):
+    """A projection that must run as itself (like tp_shard.RowParallelLinear: partial product, all-reduce):
+    here its own product, then a count of its calls."""
+
+    fused_as_module = True
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.linear, self.calls = linear, 0
+
+    def forward(self, x):
+        self.calls += 1
+        return self.linear(x)
+
+
+def test_output_and_down_projections_that_run_as_modules_are_called_by_the_fused_layer():
+    model = _tiny(LlamaForCausalLM, LlamaConfig, attention_bias=True)
+    for layer in model.model.layers:
+        layer.self_attn.o_proj, layer.mlp.down_proj = _Product(layer.self_attn.o_proj), _Product(layer.mlp.down_proj)
+    fused = copy.deepcopy(model)
+    assert fuse_model(fused) == 2
+    ids = torch.randint(0, 300, (1, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(fused(ids).logits, model(ids).logits, rtol=0, atol=1e-5)
+    layer = fused.model.layers[0]
+    assert layer.self_attn.o_proj.calls == layer.mlp.down_proj.calls == 1
+    assert isinstance(layer.self_attn.qkv_proj, nn.Linear)
+    plain = type("Plain", (_Product,), {"fused_as_module": False})  # any other module: the layer is left alone
+    model.model.layers[0].mlp.down_proj = plain(nn.Linear(128, 64))
+    assert not fusable(model.model.layers[0])
+
+
 def _first_columns(linear: nn.Linear, n: int) -> nn.Linear:
     out = nn.Linear(n, linear.out_features, bias=False)
     out.weight.data = linear.weight.data[:, :n].clone()

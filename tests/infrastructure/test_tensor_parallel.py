@@ -1,9 +1,10 @@
 """TENSOR_PARALLEL_SIZE=2 on the CPU (gloo): the embedded model sharded over two processes.
 
-One module-scoped server runtime (rank 0 here, one spawned worker) is compared with the session's single-process
-engine: greedy tokens identical (fp32) unsteered, steered (add at one layer, cap at another) and for a capture's
-values; one request goes through the HTTP app. The last test kills the worker: /health turns 503, the runtime
-stops without hanging, and no worker process is left.
+One module-scoped server runtime (rank 0 here, one spawned worker; COMPILE=merge: every rank's layers fused, the
+row-parallel projections called between the fused pieces) is compared with the session's single-process engine
+(transformers' layers): greedy tokens identical (fp32) unsteered, steered (add at one layer, cap at another) and
+for a capture's values; one request goes through the HTTP app. The last test kills the worker: /health turns 503,
+the runtime stops without hanging, and no worker process is left.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from app.factory import create_app
 from app.runtime import Runtime
 from app.settings import Settings
+from infrastructure.engine.fusion import is_fused
 from infrastructure.engine.job import GenerationJob, RowRequest, SamplingParams
 from infrastructure.engine.tp_shard import chunks, shard_plan
 from infrastructure.errors import ModelLoadError
@@ -73,6 +75,7 @@ def tp_runtime():
         max_batch_size=4,
         kv_cache_tokens=1024,
         tensor_parallel_timeout_s=60,
+        compile="merge",  # fused layers on every rank (row-parallel o/down called between the pieces), eager on CPU
     )
     runtime = Runtime(settings)
     runtime.load()
@@ -107,6 +110,7 @@ def test_greedy_tokens_and_captures_equal_one_process(tp_runtime, engine, loaded
     assert tp_runtime.engine.tensor_parallel_size == 2
     assert tp_runtime.engine.stats["steps"] > 0 and tp_runtime.loaded.model.config.num_attention_heads == 6
     assert tp_runtime.engine.chained_launches > 0  # decode steps fed the worker their ids in a broadcast
+    assert tp_runtime.engine.compile_mode == "merge" and is_fused(tp_runtime.loaded.model)  # the worker: in its build
 
 
 async def test_one_request_through_http_equals_one_process(tp_runtime, client):
