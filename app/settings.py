@@ -125,8 +125,8 @@ class Settings(BaseSettings):
     overlap_schedule: Literal["auto", "on", "off"] = Field(
         default="auto",
         description="Paged engine: queue the next decode step on the GPU before this one's tokens reach the host "
-        "when every row decodes greedily (its input ids taken from the device); auto = on, except tensor "
-        "parallelism on GPUs (not yet measured there).",
+        "when every row decodes greedily (its input ids taken from the device); auto = on (tensor parallelism "
+        "included: rank 0 broadcasts the ids).",
     )
     kv_block_size: int = Field(default=16, ge=1, le=1024, description="Token positions per paged KV block.")
     kv_cache_tokens: int = Field(

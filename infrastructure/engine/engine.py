@@ -83,7 +83,7 @@ class PersonaEngine(PagedLoop, LegacyLoop, RowLifecycle):
         self.max_unread_tokens = max_unread_tokens  # paged: a job this far behind its reader stops decoding
         self.compile, self.compile_cache_dir = compile, compile_cache_dir  # paged: COMPILE (compiled_step.py)
         self.compile_mode, self.warmup_seconds = "off", 0.0
-        # paged: OVERLAP_SCHEDULE, greedy decode steps chained on the device (overlap.py; auto: tensor_parallel.py)
+        # paged: OVERLAP_SCHEDULE, greedy decode steps chained on the device (overlap.py); auto = on
         self.overlap = overlap not in (False, "off")
         static = self.decode_mode in ("static", "graphs")
         longest = static_len if static else max_model_len  # the static cache's columns

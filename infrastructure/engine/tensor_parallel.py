@@ -61,8 +61,6 @@ class TensorParallelEngine(PersonaEngine):
     warms_buckets = False
 
     def __init__(self, loaded: LoadedModel, group: TensorParallelGroup, graph_reduce: str = "auto", **options) -> None:
-        if options.get("overlap", "auto") == "auto":  # chained steps broadcast their ids: gloo-tested, GPU-unmeasured
-            options["overlap"] = loaded.device.type != "cuda"
         super().__init__(loaded, **options)
         self.graph_reduce = graph_reduce  # TENSOR_PARALLEL_GRAPH_REDUCE; the mode in force once the runner is built
         if self.decode_mode != "paged":
