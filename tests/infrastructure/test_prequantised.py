@@ -168,3 +168,20 @@ def test_awq_gemv_checkpoint_repacks_for_gemlite_exactly(tmp_path, monkeypatch, 
     with torch.no_grad():
         a, b = quant.model(ids).logits, plain.model(ids).logits
     assert b.abs().max() > 0.5 and (a - b).abs().max() < 1e-5 * b.abs().max()
+
+
+def test_no_gptq_module_outlives_the_repacking(tiny_checkpoints):
+    """gptqmodel's GPTQ modules sit in reference cycles: the repacking collects them (with the collector off here,
+    as it may be at any moment), so the originals' memory is free before the KV pool is sized."""
+    import gc
+
+    from gptqmodel.nn_modules.qlinear import BaseQuantLinear
+
+    folder = tiny_checkpoints["gptq"]["dir"]
+    gc.disable()
+    try:
+        loaded = load_model(Settings(_env_file=None, model_name=str(folder), device="cpu", quant_kernel="gemlite"))
+        alive = [o for o in gc.get_objects() if isinstance(o, BaseQuantLinear)]
+    finally:
+        gc.enable()
+    assert loaded.quant_kernel == "gemlite" and not alive
