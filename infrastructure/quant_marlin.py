@@ -22,7 +22,7 @@ from torch import nn
 
 from infrastructure import marlin_layout
 from infrastructure.marlin_layout import MarlinLayout
-from infrastructure.quant_gemlite import AWQ_ORDER, BITS, PACK
+from infrastructure.quant_gemlite import AWQ_ORDER, BITS, PACK, QuantParts
 
 log = logging.getLogger(__name__)
 
@@ -128,13 +128,10 @@ def _reproduces(linear: MarlinLinear, codes, scales, zeros, rows: int = 4096) ->
     """Whether the dequantised weight equals the parts' (codes - zeros) * scales, compared `rows` outputs at a
     time (the float32 reference of a 70B gate/up projection is 1.9 GB)."""
     weight = linear.dequantised()
-    group = linear.group_size
     for start in range(0, codes.shape[0], rows):
-        end = start + rows
-        z = zeros[start:end].float().repeat_interleave(group, 1)
-        s = scales[start:end].float().repeat_interleave(group, 1)
-        want = ((codes[start:end].float() - z) * s).to(torch.float16)
-        if not torch.equal(weight[:, start:end].t(), want):
+        part = slice(start, start + rows)
+        want = QuantParts(codes[part], scales[part], zeros[part], None, linear.group_size).dequantise(torch.float16)
+        if not torch.equal(weight[:, part].t(), want):
             return False
     return True
 
